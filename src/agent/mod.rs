@@ -1,0 +1,285 @@
+//! The daemon: owns the domain table, the definition store and every
+//! instance's fds; serves the API socket; re-adopts running QEMUs on start.
+//!
+//! Concurrency model: the table is a short-held `std::sync::Mutex` (lookups,
+//! inserts); each domain has its own `tokio::sync::Mutex<DomainState>` held
+//! across a mutating operation on that domain, so operations on different
+//! domains never wait for each other. Long waits (a guest's ACPI shutdown)
+//! are done without the domain lock.
+
+mod ops;
+pub use ops::DEFAULT_STOP_TIMEOUT_S;
+mod recover;
+mod server;
+
+use crate::api::{ApiError, ErrorKind};
+use crate::console::ConsoleHub;
+use crate::domain::{Definition, DefinitionError, DomainTable, Store, StoreError, TableError};
+use crate::fsutil;
+use crate::instance::domid::{DomidAllocator, DomidError};
+use crate::instance::probe::{ProbeCache, ProbeError};
+use crate::instance::{Instance, InstanceError, InstanceRecord};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use uuid::Uuid;
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/qlive";
+pub const DEFAULT_RUN_DIR: &str = "/run/qlive";
+pub const DEFAULT_SOCKET: &str = "/run/qlive/qlive.sock";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Definition(#[from] DefinitionError),
+    #[error(transparent)]
+    Table(#[from] TableError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Domid(#[from] DomidError),
+    #[error(transparent)]
+    Probe(#[from] ProbeError),
+    #[error("starting domain {name}")]
+    Start {
+        name: String,
+        #[source]
+        source: InstanceError,
+    },
+    #[error("{0}")]
+    InvalidState(String),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{what}")]
+    Qmp {
+        what: String,
+        #[source]
+        source: crate::qmp::QmpError,
+    },
+    #[error("another qlive agent is running (lock {0} is held)")]
+    AlreadyRunning(PathBuf),
+}
+
+impl AgentError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            AgentError::Definition(_) => ErrorKind::InvalidDefinition,
+            AgentError::Table(TableError::NotFound(_)) => ErrorKind::NotFound,
+            AgentError::Table(TableError::RemoteTaken(_)) => ErrorKind::Busy,
+            AgentError::Table(_) => ErrorKind::AlreadyExists,
+            AgentError::Probe(_) | AgentError::Start { .. } => ErrorKind::Emulator,
+            AgentError::InvalidState(_) => ErrorKind::InvalidState,
+            AgentError::Store(StoreError::BadName(_)) => ErrorKind::BadRequest,
+            _ => ErrorKind::Internal,
+        }
+    }
+
+    pub fn to_api(&self) -> ApiError {
+        ApiError::new(self.kind(), error_chain(self))
+    }
+}
+
+/// "outer: cause: root cause", skipping repeats.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// What a domain is doing.
+pub enum Run {
+    ShutOff { reason: String },
+    Running(Arc<Instance>),
+}
+
+pub struct DomainState {
+    pub def: Definition,
+    pub run: Run,
+    /// Set by undefine under the lock: a handle still held elsewhere must
+    /// not act on a domain that no longer exists.
+    pub removed: bool,
+}
+
+pub struct Domain {
+    pub name: String,
+    pub uuid: Uuid,
+    pub state: tokio::sync::Mutex<DomainState>,
+    pub console: ConsoleHub,
+}
+
+pub struct Agent {
+    pub cfg: Config,
+    store: Store,
+    domids: DomidAllocator,
+    table: Mutex<DomainTable<Arc<Domain>, ()>>,
+    probes: ProbeCache,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StatusFile {
+    format: String,
+    version: u32,
+    instance: InstanceRecord,
+}
+
+const STATUS_FORMAT: &str = "qlive-status";
+const STATUS_VERSION: u32 = 1;
+
+impl Agent {
+    /// Create directories, take the agent lock, load definitions and
+    /// re-adopt running instances.
+    pub async fn open(cfg: Config) -> Result<Arc<Agent>, AgentError> {
+        for (dir, mode) in [(&cfg.state_dir, 0o700), (&cfg.run_dir, 0o755)] {
+            fsutil::create_dir(dir, mode).map_err(|source| AgentError::Io {
+                what: format!("creating {}", dir.display()),
+                source,
+            })?;
+        }
+        let lock_path = cfg.run_dir.join("agent.lock");
+        let lock_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| AgentError::Io {
+                what: format!("opening {}", lock_path.display()),
+                source,
+            })?;
+        let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|_| AgentError::AlreadyRunning(lock_path.clone()))?;
+        let store = Store::open(&cfg.state_dir)?;
+        let domids = DomidAllocator::open(&cfg.state_dir)?;
+        fsutil::create_dir(&cfg.state_dir.join("console"), 0o700).map_err(|source| {
+            AgentError::Io {
+                what: "creating console log directory".into(),
+                source,
+            }
+        })?;
+        let agent = Arc::new(Agent {
+            cfg,
+            store,
+            domids,
+            table: Mutex::new(DomainTable::default()),
+            probes: ProbeCache::default(),
+            _lock: lock,
+        });
+        recover::recover(&agent).await?;
+        Ok(agent)
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, DomainTable<Arc<Domain>, ()>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn lookup(&self, name: &str) -> Result<Arc<Domain>, AgentError> {
+        Ok(self.table().lookup(name)?)
+    }
+
+    fn status_path(&self, name: &str) -> PathBuf {
+        crate::instance::paths::domain_run_dir(&self.cfg.run_dir, name).join("status.json")
+    }
+
+    fn console_log(&self, name: &str) -> PathBuf {
+        crate::console::log_path(&self.cfg.state_dir, name)
+    }
+
+    fn write_status(&self, name: &str, rec: &InstanceRecord) -> Result<(), AgentError> {
+        let path = self.status_path(name);
+        let doc = StatusFile {
+            format: STATUS_FORMAT.into(),
+            version: STATUS_VERSION,
+            instance: rec.clone(),
+        };
+        let bytes = serde_json::to_vec_pretty(&doc).map_err(|e| AgentError::Io {
+            what: "encoding status".into(),
+            source: io::Error::other(e),
+        })?;
+        fsutil::write_atomic(&path, &bytes, 0o600).map_err(|source| AgentError::Io {
+            what: format!("writing {}", path.display()),
+            source,
+        })
+    }
+
+    fn read_status(&self, name: &str) -> Result<Option<InstanceRecord>, AgentError> {
+        let path = self.status_path(name);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(AgentError::Io {
+                    what: format!("reading {}", path.display()),
+                    source,
+                })
+            }
+        };
+        let doc: StatusFile = serde_json::from_slice(&bytes).map_err(|e| AgentError::Io {
+            what: format!("status file {} is corrupt", path.display()),
+            source: io::Error::other(e),
+        })?;
+        if doc.format != STATUS_FORMAT || doc.version > STATUS_VERSION {
+            return Err(AgentError::Io {
+                what: format!(
+                    "status file {} has format {:?} version {}, not understood by this qlive",
+                    path.display(),
+                    doc.format,
+                    doc.version
+                ),
+                source: io::Error::from(io::ErrorKind::InvalidData),
+            });
+        }
+        Ok(Some(doc.instance))
+    }
+
+    fn remove_status(&self, name: &str) {
+        let p = self.status_path(name);
+        if let Err(e) = fsutil::remove_file_if_exists(&p) {
+            tracing::warn!(path = %p.display(), error = %e, "removing status file");
+        }
+    }
+
+    pub fn domain_count(&self) -> usize {
+        self.table().list().len()
+    }
+}
+
+/// Run the agent until SIGTERM/SIGINT. Guests keep running after it exits.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let agent = Agent::open(cfg)
+        .await
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let listener = server::bind(&agent.cfg.socket)?;
+    tracing::info!(socket = %agent.cfg.socket.display(), domains = agent.domain_count(), "qlive agent ready");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    tokio::select! {
+        r = server::serve(agent.clone(), listener) => r?,
+        _ = term.recv() => tracing::info!("SIGTERM: agent stopping; guests keep running"),
+        _ = int.recv() => tracing::info!("SIGINT: agent stopping; guests keep running"),
+    }
+    let _ = std::fs::remove_file(&agent.cfg.socket);
+    Ok(())
+}
+
+pub(crate) fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}

@@ -1,0 +1,417 @@
+//! Request handlers: one function per API operation.
+
+use super::{error_chain, path_str, Agent, AgentError, Domain, DomainState, Run};
+use crate::api::Request;
+use crate::console::ConsoleHub;
+use crate::domain::definition::Accel;
+use crate::domain::{Definition, DefinitionError};
+use crate::instance::cmdline::{EffectiveAccel, StartMode};
+use crate::instance::memory::GuestRam;
+use crate::instance::paths::InstancePaths;
+use crate::instance::{self, Instance, SpawnSpec};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const DEFAULT_STOP_TIMEOUT_S: u64 = 60;
+const DESTROY_GRACE: Duration = Duration::from_secs(5);
+
+impl Agent {
+    pub async fn handle(self: &Arc<Self>, req: Request) -> Result<Value, AgentError> {
+        match req {
+            Request::Ping {} => Ok(json!({"version": env!("CARGO_PKG_VERSION")})),
+            Request::Define { definition } => self.define(&definition).await,
+            Request::Undefine { name } => self.undefine(&name).await,
+            Request::Start { name } => self.start(&name).await,
+            Request::Stop { name, timeout_s } => {
+                self.stop(
+                    &name,
+                    Duration::from_secs(timeout_s.unwrap_or(DEFAULT_STOP_TIMEOUT_S)),
+                )
+                .await
+            }
+            Request::Destroy { name } => self.destroy(&name).await,
+            Request::List {} => self.list().await,
+            Request::Info { name } => self.info(&name).await,
+            // Streaming; handled by the server before it gets here.
+            Request::Console { .. } => Err(AgentError::InvalidState(
+                "console is a streaming call".into(),
+            )),
+        }
+    }
+
+    async fn define(self: &Arc<Self>, v: &Value) -> Result<Value, AgentError> {
+        let mut def = Definition::from_value(v)?;
+        // The emulator must exist now; it is checked again at every start.
+        crate::instance::probe::check_executable(&def.emulator).map_err(|e| {
+            DefinitionError::Invalid {
+                field: "emulator".into(),
+                reason: e.to_string(),
+            }
+        })?;
+        let uuid = *def.uuid.get_or_insert_with(uuid::Uuid::new_v4);
+        let mut table = self.table();
+        table.check_free(&def.name, uuid)?;
+        if self.store.exists(&def.name)? {
+            return Err(AgentError::InvalidState(format!(
+                "a stored definition file for {:?} exists but could not be loaded at startup; fix or remove {}",
+                def.name,
+                path_str(&self.store.path_of(&def.name)?)
+            )));
+        }
+        self.store.save(&def)?;
+        let dom = Arc::new(Domain {
+            name: def.name.clone(),
+            uuid,
+            state: tokio::sync::Mutex::new(DomainState {
+                def: def.clone(),
+                run: Run::ShutOff {
+                    reason: "defined".into(),
+                },
+                removed: false,
+            }),
+            console: ConsoleHub::default(),
+        });
+        table.insert(&def.name, uuid, dom)?;
+        tracing::info!(domain = %def.name, %uuid, "defined");
+        Ok(json!({"name": def.name, "uuid": uuid}))
+    }
+
+    async fn undefine(self: &Arc<Self>, name: &str) -> Result<Value, AgentError> {
+        let dom = self.lookup(name)?;
+        let mut st = dom.state.lock().await;
+        if st.removed {
+            return Err(crate::domain::TableError::NotFound(name.into()).into());
+        }
+        if let Run::Running(i) = &st.run {
+            return Err(AgentError::InvalidState(format!(
+                "domain {} is running (domid {}); stop or destroy it first",
+                dom.name,
+                i.domid()
+            )));
+        }
+        self.table().remove(&dom.name)?;
+        st.removed = true;
+        self.store.remove(&dom.name)?;
+        let _ = crate::fsutil::remove_file_if_exists(&self.console_log(&dom.name));
+        let _ = crate::fsutil::remove_dir_all_if_exists(&crate::instance::paths::domain_run_dir(
+            &self.cfg.run_dir,
+            &dom.name,
+        ));
+        tracing::info!(domain = %dom.name, "undefined");
+        Ok(json!({"name": dom.name}))
+    }
+
+    async fn start(self: &Arc<Self>, name: &str) -> Result<Value, AgentError> {
+        let dom = self.lookup(name)?;
+        let mut st = dom.state.lock().await;
+        if st.removed {
+            return Err(crate::domain::TableError::NotFound(name.into()).into());
+        }
+        if let Run::Running(i) = &st.run {
+            return Err(AgentError::InvalidState(format!(
+                "domain {} is already running (domid {}, pid {})",
+                dom.name,
+                i.domid(),
+                i.pid()
+            )));
+        }
+        let t0 = std::time::Instant::now();
+        let info = self.probes.get(&st.def.emulator).await?;
+        // Pin the machine type on first start: guest ABI from now on.
+        let machine = info.resolve_machine(&st.def.machine)?;
+        if machine != st.def.machine {
+            let mut pinned = st.def.clone();
+            pinned.machine = machine.clone();
+            self.store.save(&pinned)?;
+            tracing::info!(domain = %dom.name, alias = %st.def.machine, %machine, "machine type pinned");
+            st.def = pinned;
+        }
+        for (field, p) in [("kernel", &st.def.kernel), ("initrd", &st.def.initrd)] {
+            if let Some(p) = p {
+                if !p.is_file() {
+                    return Err(DefinitionError::Invalid {
+                        field: field.into(),
+                        reason: format!("{} does not exist or is not a file", p.display()),
+                    }
+                    .into());
+                }
+            }
+        }
+        let accel = match st.def.accel {
+            Accel::Kvm => EffectiveAccel::Kvm,
+            Accel::Tcg => EffectiveAccel::Tcg,
+            Accel::Auto if crate::instance::kvm::kvm_usable() => EffectiveAccel::Kvm,
+            Accel::Auto => EffectiveAccel::Tcg,
+        };
+        let ram = Arc::new(
+            GuestRam::create(&dom.name, st.def.memory_bytes()).map_err(|e| AgentError::Start {
+                name: dom.name.clone(),
+                source: e.into(),
+            })?,
+        );
+        let domid = self.domids.allocate()?;
+        let paths = InstancePaths::new(&self.cfg.run_dir, &dom.name, domid);
+        let console_log = self.console_log(&dom.name);
+        let inst = instance::spawn(SpawnSpec {
+            def: &st.def,
+            domid,
+            machine: &machine,
+            accel,
+            paths,
+            console_log: &console_log,
+            mode: StartMode::Boot,
+            ram,
+        })
+        .await
+        .map_err(|source| AgentError::Start {
+            name: dom.name.clone(),
+            source,
+        })?;
+        let inst = Arc::new(inst);
+        // From here on a failure must take the instance down again.
+        let activate = async {
+            dom.console
+                .attach(&inst.record.paths.console)
+                .await
+                .map_err(|source| AgentError::Io {
+                    what: "connecting to the console socket".into(),
+                    source,
+                })?;
+            // Recorded before the vCPUs run: recovery relies on it.
+            self.write_status(&dom.name, &inst.record)?;
+            inst.qmp.cont().await.map_err(|source| AgentError::Qmp {
+                what: "resuming vCPUs (cont)".into(),
+                source,
+            })
+        };
+        if let Err(e) = activate.await {
+            let _ = inst.terminate(DESTROY_GRACE).await;
+            self.remove_status(&dom.name);
+            return Err(e);
+        }
+        st.run = Run::Running(inst.clone());
+        self.watch(&dom, &inst);
+        tracing::info!(domain = %dom.name, domid = inst.domid(), pid = inst.pid(),
+            qemu = %inst.record.qemu_version, %machine, accel = accel.as_str(),
+            ms = t0.elapsed().as_millis() as u64, "started");
+        Ok(json!({
+            "name": dom.name,
+            "domid": inst.domid(),
+            "pid": inst.pid(),
+            "machine": machine,
+            "accel": accel.as_str(),
+        }))
+    }
+
+    /// Notice the instance's exit (pidfd), whoever caused it, and record
+    /// why: the last SHUTDOWN event's reason if QEMU sent one.
+    pub(super) fn watch(self: &Arc<Self>, dom: &Arc<Domain>, inst: &Arc<Instance>) {
+        let reason = Arc::new(std::sync::Mutex::new(None::<String>));
+        let mut events = inst.qmp.subscribe();
+        let r2 = reason.clone();
+        tokio::spawn(async move {
+            while let Ok(ev) = events.recv().await {
+                if ev.name == "SHUTDOWN" {
+                    let why = ev.data["reason"].as_str().unwrap_or("unknown").to_string();
+                    *r2.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+                }
+            }
+        });
+        let agent = self.clone();
+        let dom = dom.clone();
+        let inst = inst.clone();
+        tokio::spawn(async move {
+            inst.wait_exit().await;
+            let why = reason.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let reason = match why.as_deref() {
+                Some("guest-shutdown") => "guest shut down".to_string(),
+                Some("guest-reset") => "guest reset (QEMU ran with -no-reboot)".to_string(),
+                Some("host-qmp-quit") => "QEMU was told to quit".to_string(),
+                Some("host-signal") => "QEMU was terminated by a signal".to_string(),
+                Some(other) => format!("QEMU shut down ({other})"),
+                None => format!(
+                    "QEMU process {} died unexpectedly; last log: {}",
+                    inst.pid(),
+                    instance::log_tail(&inst.record.paths.log)
+                ),
+            };
+            agent.finish_instance(&dom, inst.domid(), reason).await;
+        });
+    }
+
+    /// Mark the domain shut off if `domid` is still its running instance;
+    /// clean the instance's paths and the status file. Idempotent.
+    async fn finish_instance(&self, dom: &Domain, domid: u64, reason: String) -> bool {
+        let mut st = dom.state.lock().await;
+        match &st.run {
+            Run::Running(i) if i.domid() == domid => {
+                instance::cleanup_paths(&i.record.paths);
+                self.remove_status(&dom.name);
+                tracing::info!(domain = %dom.name, domid, %reason, "instance ended");
+                st.run = Run::ShutOff { reason };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    async fn stop(self: &Arc<Self>, name: &str, timeout: Duration) -> Result<Value, AgentError> {
+        let dom = self.lookup(name)?;
+        let inst = {
+            let st = dom.state.lock().await;
+            match &st.run {
+                Run::Running(i) => i.clone(),
+                Run::ShutOff { .. } => {
+                    return Err(AgentError::InvalidState(format!(
+                        "domain {} is not running",
+                        dom.name
+                    )))
+                }
+            }
+        };
+        inst.qmp
+            .execute(qapi::qmp::system_powerdown {})
+            .await
+            .map_err(|source| AgentError::Qmp {
+                what: "requesting ACPI power-down".into(),
+                source,
+            })?;
+        let forced = tokio::time::timeout(timeout, inst.wait_exit())
+            .await
+            .is_err();
+        if forced {
+            tracing::info!(domain = %dom.name, secs = timeout.as_secs(), "guest did not power down in time; forcing off");
+            inst.terminate(DESTROY_GRACE)
+                .await
+                .map_err(|source| AgentError::Start {
+                    name: dom.name.clone(),
+                    source,
+                })?;
+        }
+        let reason = if forced {
+            format!(
+                "forced off: guest did not power down within {} s",
+                timeout.as_secs()
+            )
+        } else {
+            "shut down on request".to_string()
+        };
+        self.finish_instance(&dom, inst.domid(), reason).await;
+        Ok(json!({"name": dom.name, "forced": forced}))
+    }
+
+    async fn destroy(self: &Arc<Self>, name: &str) -> Result<Value, AgentError> {
+        let dom = self.lookup(name)?;
+        let inst = {
+            let st = dom.state.lock().await;
+            match &st.run {
+                Run::Running(i) => i.clone(),
+                Run::ShutOff { .. } => {
+                    return Err(AgentError::InvalidState(format!(
+                        "domain {} is not running",
+                        dom.name
+                    )))
+                }
+            }
+        };
+        inst.terminate(DESTROY_GRACE)
+            .await
+            .map_err(|source| AgentError::Start {
+                name: dom.name.clone(),
+                source,
+            })?;
+        self.finish_instance(&dom, inst.domid(), "destroyed".into())
+            .await;
+        Ok(json!({"name": dom.name}))
+    }
+
+    async fn list(self: &Arc<Self>) -> Result<Value, AgentError> {
+        let doms = self.table().list();
+        let mut out = Vec::with_capacity(doms.len());
+        for d in doms {
+            let st = d.state.lock().await;
+            let (state, domid, pid) = match &st.run {
+                Run::Running(i) => (run_state(i).await, Some(i.domid()), Some(i.pid())),
+                Run::ShutOff { .. } => ("shut-off".to_string(), None, None),
+            };
+            out.push(
+                json!({"name": d.name, "uuid": d.uuid, "state": state, "domid": domid, "pid": pid}),
+            );
+        }
+        Ok(Value::Array(out))
+    }
+
+    async fn info(self: &Arc<Self>, name: &str) -> Result<Value, AgentError> {
+        let dom = self.lookup(name)?;
+        let st = dom.state.lock().await;
+        let def = &st.def;
+        let mut v = json!({
+            "name": dom.name,
+            "uuid": dom.uuid,
+            "emulator": def.emulator,
+            "machine": def.machine,
+            "accel": def.accel,
+            "vcpus": def.vcpus,
+            "memory_mib": def.memory_mib,
+            "console_log": self.console_log(&dom.name),
+            "job": Value::Null,
+        });
+        match &st.run {
+            Run::Running(i) => {
+                let r = &i.record;
+                v["state"] = json!(run_state(i).await);
+                v["reason"] = Value::Null;
+                v["domid"] = json!(r.domid);
+                v["pid"] = json!(r.process.pid);
+                v["emulator"] = json!(r.emulator);
+                v["exe"] = json!(r.process.exe);
+                v["qemu_version"] = json!(r.qemu_version.to_string());
+                v["qemu_package"] = json!(r.qemu_version.package);
+                v["machine"] = json!(r.machine);
+                v["accel"] = json!(r.accel);
+                v["started_at"] = json!(r.started_at);
+                v["paths"] = json!({
+                    "dir": r.paths.dir, "qmp": r.paths.qmp, "console": r.paths.console,
+                    "pid": r.paths.pid, "log": r.paths.log,
+                });
+            }
+            Run::ShutOff { reason } => {
+                v["state"] = json!("shut-off");
+                v["reason"] = json!(reason);
+                v["domid"] = Value::Null;
+                v["pid"] = Value::Null;
+                v["qemu_version"] = Value::Null;
+                v["paths"] = Value::Null;
+            }
+        }
+        Ok(v)
+    }
+
+    pub(super) async fn console_subscribe(
+        self: &Arc<Self>,
+        name: &str,
+    ) -> Result<tokio::sync::broadcast::Receiver<bytes::Bytes>, AgentError> {
+        let dom = self.lookup(name)?;
+        let st = dom.state.lock().await;
+        match &st.run {
+            Run::Running(_) => Ok(dom.console.subscribe()),
+            Run::ShutOff { .. } => Err(AgentError::InvalidState(format!(
+                "domain {} is not running; its past output is in {}",
+                dom.name,
+                path_str(&self.console_log(&dom.name))
+            ))),
+        }
+    }
+}
+
+/// `running`, `paused`, ... from QEMU; `unknown` if QMP does not answer.
+async fn run_state(i: &Instance) -> String {
+    match tokio::time::timeout(Duration::from_secs(2), i.qmp.status()).await {
+        Ok(Ok((true, _))) => "running".into(),
+        Ok(Ok((false, s))) if s == "paused" || s == "prelaunch" => "paused".into(),
+        Ok(Ok((false, s))) => s,
+        Ok(Err(e)) => format!("unknown ({})", error_chain(&e)),
+        Err(_) => "unknown (QMP timeout)".into(),
+    }
+}

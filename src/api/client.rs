@@ -1,0 +1,76 @@
+//! Client side of the API socket, used by the CLI and by tests.
+
+use super::{ApiError, ErrorKind, Request, Response};
+use std::io;
+use std::path::Path;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to the qlive agent at {path} (is it running?)")]
+    Connect {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("talking to the qlive agent")]
+    Io(#[from] io::Error),
+    #[error("the agent closed the connection without answering")]
+    NoAnswer,
+    #[error("unreadable answer from the agent: {0}")]
+    BadAnswer(String),
+    #[error("{0}")]
+    Api(#[from] ApiError),
+}
+
+impl ClientError {
+    pub fn api_kind(&self) -> Option<ErrorKind> {
+        match self {
+            ClientError::Api(e) => Some(e.kind),
+            _ => None,
+        }
+    }
+}
+
+pub struct Client {
+    stream: BufReader<UnixStream>,
+}
+
+impl Client {
+    pub async fn connect(path: &Path) -> Result<Client, ClientError> {
+        let s = UnixStream::connect(path)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Ok(Client {
+            stream: BufReader::new(s),
+        })
+    }
+
+    pub async fn call(&mut self, req: &Request) -> Result<serde_json::Value, ClientError> {
+        let mut line =
+            serde_json::to_vec(req).map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        line.push(b'\n');
+        self.stream.get_mut().write_all(&line).await?;
+        let mut answer = String::new();
+        if self.stream.read_line(&mut answer).await? == 0 {
+            return Err(ClientError::NoAnswer);
+        }
+        let resp: Response =
+            serde_json::from_str(&answer).map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        Ok(resp.into_result()?)
+    }
+
+    /// After a successful `console` call: the raw stream.
+    pub fn into_stream(self) -> BufReader<UnixStream> {
+        self.stream
+    }
+}
+
+/// One-shot call on a fresh connection.
+pub async fn call(path: &Path, req: &Request) -> Result<serde_json::Value, ClientError> {
+    Client::connect(path).await?.call(req).await
+}

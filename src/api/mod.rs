@@ -1,0 +1,172 @@
+//! The agent API: newline-delimited JSON over a unix socket.
+//!
+//! A client sends one [`Request`] per line and reads one [`Response`] line
+//! per request. `console` is the one streaming call: after its `ok` response
+//! line the connection carries the domain's raw console bytes until either
+//! side closes it. Every operation and when it is allowed is documented on
+//! [`Request`] and in `docs/protocol.md`.
+
+pub mod client;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Largest request line the agent reads; a longer one is answered with an
+/// error (kind `too-large`) and the connection is closed.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// Every API operation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Liveness check; always allowed.
+    Ping {},
+    /// Store a new domain. Refused if the name or UUID is taken.
+    Define { definition: Value },
+    /// Remove a shut-off domain's stored definition and console log.
+    Undefine { name: String },
+    /// Boot a shut-off domain.
+    Start { name: String },
+    /// ACPI power-down; after `timeout_s` (default 60) force it off.
+    Stop {
+        name: String,
+        #[serde(default)]
+        timeout_s: Option<u64>,
+    },
+    /// Kill the domain's QEMU now.
+    Destroy { name: String },
+    /// All domains; read-only.
+    List {},
+    /// One domain in detail; read-only.
+    Info { name: String },
+    /// Stream the live console (output only).
+    Console { name: String },
+}
+
+impl Request {
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Ping {} => "ping",
+            Request::Define { .. } => "define",
+            Request::Undefine { .. } => "undefine",
+            Request::Start { .. } => "start",
+            Request::Stop { .. } => "stop",
+            Request::Destroy { .. } => "destroy",
+            Request::List {} => "list",
+            Request::Info { .. } => "info",
+            Request::Console { .. } => "console",
+        }
+    }
+}
+
+/// Machine-readable error kinds (stable; documented in docs/protocol.md).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    BadRequest,
+    TooLarge,
+    InvalidDefinition,
+    NotFound,
+    AlreadyExists,
+    InvalidState,
+    Busy,
+    PermissionDenied,
+    Emulator,
+    Internal,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> ApiError {
+        ApiError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// One response line.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
+}
+
+impl Response {
+    pub fn ok(result: Value) -> Response {
+        Response {
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+
+    pub fn err(e: ApiError) -> Response {
+        Response {
+            ok: false,
+            result: None,
+            error: Some(e),
+        }
+    }
+
+    pub fn into_result(self) -> Result<Value, ApiError> {
+        if self.ok {
+            Ok(self.result.unwrap_or(Value::Null))
+        } else {
+            Err(self.error.unwrap_or_else(|| {
+                ApiError::new(ErrorKind::Internal, "error response without detail")
+            }))
+        }
+    }
+}
+
+/// Parse a request line, with an error that says what is wrong.
+pub fn parse_request(line: &str) -> Result<Request, ApiError> {
+    serde_json::from_str(line)
+        .map_err(|e| ApiError::new(ErrorKind::BadRequest, format!("malformed request: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_roundtrip_and_reject_junk() {
+        let r = parse_request(r#"{"op":"stop","name":"a","timeout_s":3}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Stop {
+                name: "a".into(),
+                timeout_s: Some(3)
+            }
+        );
+        for bad in [
+            "",
+            "{",
+            "[]",
+            r#"{"op":"explode"}"#,
+            r#"{"op":"start"}"#,
+            r#"{"op":"list","extra":1}"#,
+        ] {
+            let e = parse_request(bad).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::BadRequest, "{bad}");
+            assert!(e.message.starts_with("malformed request"), "{bad}: {e}");
+        }
+    }
+}

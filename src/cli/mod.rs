@@ -1,0 +1,180 @@
+//! The `qlive` command line: `qlive agent` runs the daemon, every other
+//! subcommand is a client of its API socket.
+//!
+//! Exit codes: 0 success; 1 the operation failed (the agent said why);
+//! 2 usage error or the agent could not be reached.
+
+mod output;
+
+use crate::agent::{self, Config};
+use crate::api::client::{self, Client, ClientError};
+use crate::api::Request;
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "qlive",
+    version,
+    about = "Live-upgrade the hypervisor under running QEMU guests"
+)]
+pub struct Cli {
+    /// API socket of the agent.
+    #[arg(long, global = true, env = "QLIVE_SOCKET", default_value = agent::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent (daemon) in the foreground.
+    Agent {
+        #[arg(long, env = "QLIVE_STATE_DIR", default_value = agent::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[arg(long, env = "QLIVE_RUN_DIR", default_value = agent::DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
+    },
+    /// Store a domain definition from a JSON file (`-` for stdin).
+    Define { file: PathBuf },
+    /// Remove a shut-off domain's definition.
+    Undefine { name: String },
+    /// Boot a domain.
+    Start { name: String },
+    /// ACPI power-down, forced off after --timeout seconds.
+    Stop {
+        name: String,
+        #[arg(long, default_value_t = crate::agent::DEFAULT_STOP_TIMEOUT_S)]
+        timeout: u64,
+    },
+    /// Kill a domain's QEMU at once.
+    Destroy { name: String },
+    /// List domains.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one domain.
+    Info {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stream a domain's live console to stdout (Ctrl-C to leave).
+    Console { name: String },
+}
+
+/// Exit code of a failed client call.
+fn exit_code(e: &ClientError) -> i32 {
+    match e {
+        ClientError::Api(_) => 1,
+        _ => 2,
+    }
+}
+
+pub async fn run(cli: Cli) -> i32 {
+    match cli.command {
+        Command::Agent { state_dir, run_dir } => {
+            let cfg = Config {
+                state_dir,
+                run_dir,
+                socket: cli.socket,
+            };
+            match agent::run(cfg).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("qlive agent: {e:#}");
+                    1
+                }
+            }
+        }
+        Command::Console { name } => console(&cli.socket, name).await,
+        cmd => {
+            let (req, print): (Request, fn(&serde_json::Value)) = match cmd {
+                Command::Define { file } => match read_definition(&file) {
+                    Ok(definition) => (Request::Define { definition }, output::defined),
+                    Err(e) => {
+                        eprintln!("qlive: {e}");
+                        return 2;
+                    }
+                },
+                Command::Undefine { name } => {
+                    (Request::Undefine { name }, output::done("undefined"))
+                }
+                Command::Start { name } => (Request::Start { name }, output::started),
+                Command::Stop { name, timeout } => (
+                    Request::Stop {
+                        name,
+                        timeout_s: Some(timeout),
+                    },
+                    output::stopped,
+                ),
+                Command::Destroy { name } => (Request::Destroy { name }, output::done("destroyed")),
+                Command::List { json } => (
+                    Request::List {},
+                    if json { output::json } else { output::list },
+                ),
+                Command::Info { name, json } => (
+                    Request::Info { name },
+                    if json { output::json } else { output::info },
+                ),
+                Command::Agent { .. } | Command::Console { .. } => unreachable!("handled above"),
+            };
+            match client::call(&cli.socket, &req).await {
+                Ok(v) => {
+                    print(&v);
+                    0
+                }
+                Err(e) => {
+                    eprintln!("qlive: {}", crate::agent::error_chain(&e));
+                    exit_code(&e)
+                }
+            }
+        }
+    }
+}
+
+fn read_definition(file: &Path) -> Result<serde_json::Value, String> {
+    use std::io::Read;
+    let limit = crate::domain::definition::MAX_DEFINITION_BYTES;
+    let mut buf = Vec::new();
+    let r: Box<dyn Read> = if file == Path::new("-") {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?)
+    };
+    r.take(limit as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    if buf.len() > limit {
+        return Err(format!(
+            "{}: over the {limit}-byte limit for a definition",
+            file.display()
+        ));
+    }
+    serde_json::from_slice(&buf).map_err(|e| format!("{}: not valid JSON: {e}", file.display()))
+}
+
+async fn console(socket: &Path, name: String) -> i32 {
+    let mut c = match Client::connect(socket).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("qlive: {}", crate::agent::error_chain(&e));
+            return 2;
+        }
+    };
+    if let Err(e) = c.call(&Request::Console { name }).await {
+        eprintln!("qlive: {}", crate::agent::error_chain(&e));
+        return exit_code(&e);
+    }
+    let mut stream = c.into_stream();
+    let mut out = tokio::io::stdout();
+    tokio::select! {
+        r = tokio::io::copy(&mut stream, &mut out) => match r {
+            Ok(_) => 0,
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
+            Err(e) => { eprintln!("qlive: console: {e}"); 2 }
+        },
+        _ = tokio::signal::ctrl_c() => 0,
+    }
+}

@@ -1,0 +1,86 @@
+//! Human output of client subcommands (`--json` prints the agent's JSON).
+
+use serde_json::Value;
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+pub fn json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+pub fn defined(v: &Value) {
+    println!("defined {} (uuid {})", s(&v["name"]), s(&v["uuid"]));
+}
+
+pub fn started(v: &Value) {
+    println!(
+        "started {} (domid {}, pid {}, machine {}, accel {})",
+        s(&v["name"]),
+        s(&v["domid"]),
+        s(&v["pid"]),
+        s(&v["machine"]),
+        s(&v["accel"])
+    );
+}
+
+pub fn stopped(v: &Value) {
+    if v["forced"].as_bool() == Some(true) {
+        println!("{} forced off (did not power down in time)", s(&v["name"]));
+    } else {
+        println!("{} shut down", s(&v["name"]));
+    }
+}
+
+pub fn done(what: &'static str) -> fn(&Value) {
+    match what {
+        "undefined" => |v| println!("undefined {}", s(&v["name"])),
+        _ => |v| println!("destroyed {}", s(&v["name"])),
+    }
+}
+
+pub fn list(v: &Value) {
+    println!("{:<24} {:<10} {:>8} {:>8}", "NAME", "STATE", "DOMID", "PID");
+    for d in v.as_array().into_iter().flatten() {
+        println!(
+            "{:<24} {:<10} {:>8} {:>8}",
+            s(&d["name"]),
+            s(&d["state"]),
+            s(&d["domid"]),
+            s(&d["pid"])
+        );
+    }
+}
+
+pub fn info(v: &Value) {
+    for k in [
+        "name",
+        "uuid",
+        "state",
+        "reason",
+        "domid",
+        "pid",
+        "emulator",
+        "qemu_version",
+        "machine",
+        "accel",
+        "vcpus",
+        "memory_mib",
+        "console_log",
+        "job",
+    ] {
+        if !v[k].is_null() || k == "job" {
+            println!("{:<14} {}", format!("{k}:"), s(&v[k]));
+        }
+    }
+    if let Some(p) = v["paths"].as_object() {
+        for (k, p) in p {
+            println!("{:<14} {}", format!("path.{k}:"), s(p));
+        }
+    }
+}

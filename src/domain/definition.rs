@@ -1,0 +1,514 @@
+//! The domain definition: what the user writes in `FILE.json`.
+//!
+//! Parsing is strict: unknown fields are rejected, and every error names the
+//! field (`disks[1].format: unknown variant ...`). [`Definition::parse`] is the
+//! only way in; it runs the semantic checks of [`Definition::validate`] too,
+//! so a `Definition` value in the program is always a valid one.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use uuid::Uuid;
+
+/// Largest definition file accepted (the real ones are a few hundred bytes).
+pub const MAX_DEFINITION_BYTES: usize = 64 * 1024;
+pub const MIN_MEMORY_MIB: u64 = 16;
+pub const MAX_MEMORY_MIB: u64 = 4 * 1024 * 1024;
+pub const MAX_VCPUS: u32 = 255;
+pub const MAX_DISKS: usize = 16;
+pub const MAX_CMDLINE: usize = 4096;
+pub const MAX_EXTRA_ARGS: usize = 64;
+
+/// QEMU options that qlive itself controls; `extra_args` may not contain them
+/// because they would break the instance model (paths, fds, migration).
+pub const RESERVED_QEMU_OPTIONS: &[&str] = &[
+    "-incoming",
+    "-daemonize",
+    "-pidfile",
+    "-qmp",
+    "-qmp-pretty",
+    "-monitor",
+    "-mon",
+    "-serial",
+    "-m",
+    "-M",
+    "-machine",
+    "-name",
+    "-uuid",
+    "-S",
+    "-runas",
+    "-run-with",
+    "-chroot",
+    "-sandbox",
+    "-accel",
+    "-enable-kvm",
+    "-kernel",
+    "-initrd",
+    "-append",
+    "-nodefaults",
+    "-mem-path",
+    "-mem-prealloc",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DefinitionError {
+    #[error("definition is {size} bytes, over the {limit}-byte limit")]
+    TooLarge { size: usize, limit: usize },
+    #[error("invalid definition: {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid definition: field `{field}`: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+impl DefinitionError {
+    fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        DefinitionError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+    /// KVM when a guest really runs under it on this host, TCG otherwise.
+    #[default]
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskCache {
+    /// Host page cache on, guest flushes honoured. Safe on one host: both
+    /// instances share the same page cache.
+    #[default]
+    Writeback,
+    /// O_DIRECT; the image's filesystem must support it (tmpfs does not).
+    None,
+    Writethrough,
+    Directsync,
+}
+
+impl DiskCache {
+    /// (cache.direct, guest-visible volatile write cache) as QEMU's legacy
+    /// `cache=` modes map them. Flushes are always honoured (no `unsafe`).
+    pub fn flags(self) -> (bool, bool) {
+        match self {
+            DiskCache::Writeback => (false, true),
+            DiskCache::None => (true, true),
+            DiskCache::Writethrough => (false, false),
+            DiskCache::Directsync => (true, false),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskAio {
+    #[default]
+    Threads,
+    Native,
+    #[serde(rename = "io_uring")]
+    IoUring,
+}
+
+impl DiskAio {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskAio::Threads => "threads",
+            DiskAio::Native => "native",
+            DiskAio::IoUring => "io_uring",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Disk {
+    /// Absolute path of the image file.
+    pub path: PathBuf,
+    pub format: DiskFormat,
+    #[serde(default)]
+    pub readonly: bool,
+    #[serde(default)]
+    pub cache: DiskCache,
+    #[serde(default)]
+    pub aio: DiskAio,
+}
+
+fn default_machine() -> String {
+    "q35".to_string()
+}
+fn default_vcpus() -> u32 {
+    1
+}
+
+/// A validated domain definition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Definition {
+    pub name: String,
+    /// Generated when absent; never changes afterwards (guest ABI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<Uuid>,
+    /// Absolute path of the QEMU system emulator.
+    pub emulator: PathBuf,
+    /// `q35`/`pc` (resolved and pinned on first start) or a versioned type.
+    #[serde(default = "default_machine")]
+    pub machine: String,
+    #[serde(default)]
+    pub accel: Accel,
+    /// QEMU CPU model (`-cpu`); QEMU's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<Disk>,
+    /// Escape hatch: extra QEMU arguments appended verbatim. Not validated
+    /// beyond refusing the options qlive controls; the user owns the result.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_args: Vec<String>,
+}
+
+/// Is `name` a valid domain name: `[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`.
+/// Such a name is safe as a single path component (no `/`, never `.`/`..`).
+pub fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && b[0].is_ascii_alphanumeric()
+        && b[1..]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// `pc-q35-7.2`, `pc-i440fx-10.0`: a versioned machine type qlive can pin.
+pub fn is_versioned_machine(m: &str) -> bool {
+    let rest = m
+        .strip_prefix("pc-q35-")
+        .or_else(|| m.strip_prefix("pc-i440fx-"));
+    match rest {
+        Some(v) => {
+            let mut parts = v.split('.');
+            let ok = |p: Option<&str>| {
+                p.is_some_and(|p| {
+                    !p.is_empty() && p.len() <= 3 && p.bytes().all(|c| c.is_ascii_digit())
+                })
+            };
+            ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
+        }
+        None => false,
+    }
+}
+
+/// The machine type aliases qlive accepts and resolves on first start.
+pub fn is_machine_alias(m: &str) -> bool {
+    matches!(m, "q35" | "pc")
+}
+
+fn check_abs_path(field: &str, p: &Path) -> Result<(), DefinitionError> {
+    let s = p.as_os_str().as_encoded_bytes();
+    if !p.is_absolute() {
+        return Err(DefinitionError::invalid(
+            field,
+            format!("must be an absolute path (got {:?})", p),
+        ));
+    }
+    if s.contains(&0) || s.len() > 4096 {
+        return Err(DefinitionError::invalid(
+            field,
+            "path contains NUL or is longer than 4096 bytes",
+        ));
+    }
+    if p.components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(DefinitionError::invalid(
+            field,
+            format!("must not contain `..` (got {:?})", p),
+        ));
+    }
+    Ok(())
+}
+
+impl Definition {
+    /// Parse and validate a definition from JSON bytes.
+    pub fn parse(bytes: &[u8]) -> Result<Definition, DefinitionError> {
+        if bytes.len() > MAX_DEFINITION_BYTES {
+            return Err(DefinitionError::TooLarge {
+                size: bytes.len(),
+                limit: MAX_DEFINITION_BYTES,
+            });
+        }
+        let de = &mut serde_json::Deserializer::from_slice(bytes);
+        let def: Definition = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            DefinitionError::Parse {
+                path: if path == "." {
+                    "(document)".into()
+                } else {
+                    path
+                },
+                message: e.into_inner().to_string(),
+            }
+        })?;
+        def.validate()?;
+        Ok(def)
+    }
+
+    /// Parse from an already decoded JSON value (the API carries it so).
+    pub fn from_value(v: &serde_json::Value) -> Result<Definition, DefinitionError> {
+        let bytes = serde_json::to_vec(v).map_err(|e| DefinitionError::Parse {
+            path: "(document)".into(),
+            message: e.to_string(),
+        })?;
+        Definition::parse(&bytes)
+    }
+
+    /// Semantic checks beyond the types.
+    pub fn validate(&self) -> Result<(), DefinitionError> {
+        if !valid_name(&self.name) {
+            return Err(DefinitionError::invalid(
+                "name",
+                format!(
+                    "must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,63}} (got {:?})",
+                    self.name
+                ),
+            ));
+        }
+        if self.uuid.is_some_and(|u| u.is_nil()) {
+            return Err(DefinitionError::invalid("uuid", "must not be the nil UUID"));
+        }
+        check_abs_path("emulator", &self.emulator)?;
+        if !(is_machine_alias(&self.machine) || is_versioned_machine(&self.machine)) {
+            return Err(DefinitionError::invalid(
+                "machine",
+                format!(
+                    "must be `q35`, `pc` or a versioned type such as `pc-q35-7.2` (got {:?})",
+                    self.machine
+                ),
+            ));
+        }
+        if let Some(cpu) = &self.cpu {
+            let ok = !cpu.is_empty()
+                && cpu.len() <= 256
+                && cpu
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"_.,=+-".contains(&c));
+            if !ok {
+                return Err(DefinitionError::invalid(
+                    "cpu",
+                    format!("must be a QEMU CPU model like `max` or `host,+x2apic` (got {cpu:?})"),
+                ));
+            }
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(DefinitionError::invalid(
+                "vcpus",
+                format!("must be between 1 and {MAX_VCPUS} (got {})", self.vcpus),
+            ));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(DefinitionError::invalid(
+                "memory_mib",
+                format!(
+                    "must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} (got {})",
+                    self.memory_mib
+                ),
+            ));
+        }
+        if let Some(k) = &self.kernel {
+            check_abs_path("kernel", k)?;
+        }
+        if let Some(i) = &self.initrd {
+            check_abs_path("initrd", i)?;
+            if self.kernel.is_none() {
+                return Err(DefinitionError::invalid("initrd", "requires `kernel`"));
+            }
+        }
+        if let Some(c) = &self.cmdline {
+            if self.kernel.is_none() {
+                return Err(DefinitionError::invalid("cmdline", "requires `kernel`"));
+            }
+            if c.len() > MAX_CMDLINE || c.contains('\0') {
+                return Err(DefinitionError::invalid(
+                    "cmdline",
+                    format!("must be at most {MAX_CMDLINE} bytes without NUL"),
+                ));
+            }
+        }
+        if self.disks.len() > MAX_DISKS {
+            return Err(DefinitionError::invalid(
+                "disks",
+                format!("at most {MAX_DISKS} disks (got {})", self.disks.len()),
+            ));
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            check_abs_path(&format!("disks[{i}].path"), &d.path)?;
+            if let Some(j) = self.disks[..i].iter().position(|o| o.path == d.path) {
+                return Err(DefinitionError::invalid(
+                    format!("disks[{i}].path"),
+                    format!("same image as disks[{j}]"),
+                ));
+            }
+        }
+        if self.extra_args.len() > MAX_EXTRA_ARGS {
+            return Err(DefinitionError::invalid(
+                "extra_args",
+                format!("at most {MAX_EXTRA_ARGS} arguments"),
+            ));
+        }
+        for (i, a) in self.extra_args.iter().enumerate() {
+            if a.contains('\0') || a.len() > 4096 {
+                return Err(DefinitionError::invalid(
+                    format!("extra_args[{i}]"),
+                    "contains NUL or is longer than 4096 bytes",
+                ));
+            }
+            // QEMU accepts both -opt and --opt.
+            let opt = a
+                .strip_prefix('-')
+                .map(|s| format!("-{}", s.trim_start_matches('-')));
+            let opt = opt.as_deref().map(|o| o.split('=').next().unwrap_or(o));
+            if let Some(o) = opt {
+                if RESERVED_QEMU_OPTIONS.contains(&o) {
+                    return Err(DefinitionError::invalid(
+                        format!("extra_args[{i}]"),
+                        format!("`{o}` is controlled by qlive and may not be overridden"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib * 1024 * 1024
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> serde_json::Value {
+        serde_json::json!({
+            "name": "vm1",
+            "emulator": "/usr/bin/qemu-system-x86_64",
+            "memory_mib": 256,
+        })
+    }
+
+    fn err(v: serde_json::Value) -> String {
+        Definition::from_value(&v).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_definition_gets_defaults() {
+        let d = Definition::from_value(&base()).unwrap();
+        assert_eq!(d.machine, "q35");
+        assert_eq!(d.accel, Accel::Auto);
+        assert_eq!(d.vcpus, 1);
+        assert!(d.uuid.is_none());
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let mut v = base();
+        v["memroy_mib"] = 3.into();
+        let e = err(v);
+        assert!(e.contains("memroy_mib"), "{e}");
+    }
+
+    #[test]
+    fn nested_type_error_names_path() {
+        let mut v = base();
+        v["disks"] = serde_json::json!([{"path": "/a.img", "format": "vmdk"}]);
+        let e = err(v);
+        assert!(e.contains("disks[0].format"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        for (field, val) in [
+            ("name", serde_json::json!("../etc")),
+            ("name", serde_json::json!("")),
+            ("name", serde_json::json!("a/b")),
+            ("emulator", serde_json::json!("qemu")),
+            ("machine", serde_json::json!("virt")),
+            ("vcpus", serde_json::json!(0)),
+            ("memory_mib", serde_json::json!(1)),
+            ("cpu", serde_json::json!("max;rm")),
+        ] {
+            let mut v = base();
+            v[field] = val;
+            let e = err(v);
+            assert!(e.contains(&format!("`{field}`")), "{field}: {e}");
+        }
+    }
+
+    #[test]
+    fn reserved_extra_args_refused() {
+        let mut v = base();
+        v["extra_args"] = serde_json::json!(["-device", "virtio-rng-pci", "--incoming", "x"]);
+        let e = err(v);
+        assert!(
+            e.contains("extra_args[2]") && e.contains("-incoming"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn oversized_refused() {
+        let big = vec![b' '; MAX_DEFINITION_BYTES + 1];
+        assert!(matches!(
+            Definition::parse(&big),
+            Err(DefinitionError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_name("a"));
+        assert!(valid_name("web-01.prod_x"));
+        assert!(!valid_name("-a"));
+        assert!(!valid_name(".."));
+        assert!(!valid_name(&"a".repeat(65)));
+        assert!(valid_name(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn machines() {
+        assert!(is_versioned_machine("pc-q35-7.2"));
+        assert!(is_versioned_machine("pc-i440fx-10.0"));
+        assert!(!is_versioned_machine("pc-q35-7"));
+        assert!(!is_versioned_machine("pc-q35-7.2.1"));
+        assert!(!is_versioned_machine("q35"));
+    }
+}

@@ -1,0 +1,248 @@
+//! The QEMU command line of an instance, built from the definition, the
+//! instance's paths and the fds it inherits. Pure: no I/O, unit-tested.
+//!
+//! Every instance of a domain gets the same guest-visible configuration (the
+//! pinned machine type, the same RAM backend at the same fd); only paths and
+//! `-incoming` differ between the source and destination of a migration.
+
+use crate::domain::definition::{Definition, Disk};
+use crate::instance::memory::GUEST_RAM_FD;
+use crate::instance::paths::InstancePaths;
+use serde_json::json;
+use std::ffi::OsString;
+use std::path::Path;
+
+/// The accelerator actually used (after resolving `auto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EffectiveAccel {
+    Kvm,
+    Tcg,
+}
+
+impl EffectiveAccel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EffectiveAccel::Kvm => "kvm",
+            EffectiveAccel::Tcg => "tcg",
+        }
+    }
+}
+
+/// How the instance starts: a fresh boot, or waiting for an incoming
+/// migration (`-incoming defer`, then `migrate-incoming` over QMP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartMode {
+    Boot,
+    Incoming,
+}
+
+pub const RAM_ID: &str = "qlive-ram";
+pub const QMP_CHARDEV: &str = "qlive-qmp";
+pub const CONSOLE_CHARDEV: &str = "qlive-console";
+
+/// QemuOpts values escape a comma by doubling it.
+pub fn qemu_opt_escape(p: &Path) -> String {
+    p.to_string_lossy().replace(',', ",,")
+}
+
+/// Build argv (without argv[0]) for `def` running as an instance with
+/// `paths`. `machine` is the pinned (versioned) machine type.
+pub fn build(
+    def: &Definition,
+    machine: &str,
+    accel: EffectiveAccel,
+    paths: &InstancePaths,
+    console_log: &Path,
+    mode: StartMode,
+) -> Vec<OsString> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |s: &[&str]| a.extend(s.iter().map(|x| x.to_string()));
+    push(&["-name", &format!("guest={},debug-threads=on", def.name)]);
+    if let Some(u) = def.uuid {
+        push(&["-uuid", &u.to_string()]);
+    }
+    push(&["-machine", &format!("{machine},memory-backend={RAM_ID}")]);
+    push(&["-accel", accel.as_str()]);
+    if let Some(cpu) = &def.cpu {
+        push(&["-cpu", cpu]);
+    }
+    push(&["-smp", &def.vcpus.to_string()]);
+    push(&["-m", &format!("{}M", def.memory_mib)]);
+    push(&[
+        "-object",
+        &format!(
+            "memory-backend-file,id={RAM_ID},size={}M,mem-path=/proc/self/fd/{GUEST_RAM_FD},share=on",
+            def.memory_mib
+        ),
+    ]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id={QMP_CHARDEV},path={},server=on,wait=off",
+            qemu_opt_escape(&paths.qmp)
+        ),
+        "-mon",
+        &format!("chardev={QMP_CHARDEV},mode=control"),
+    ]);
+    // The console: a socket the agent streams from, and QEMU's own logfile
+    // (one per domain, appended by every instance in turn), which stays
+    // whole even while no client is connected.
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id={CONSOLE_CHARDEV},path={},server=on,wait=off,logfile={},logappend=on",
+            qemu_opt_escape(&paths.console),
+            qemu_opt_escape(console_log)
+        ),
+        "-serial",
+        &format!("chardev:{CONSOLE_CHARDEV}"),
+    ]);
+    if let Some(k) = &def.kernel {
+        push(&["-kernel", &k.to_string_lossy()]);
+    }
+    if let Some(i) = &def.initrd {
+        push(&["-initrd", &i.to_string_lossy()]);
+    }
+    if let Some(c) = &def.cmdline {
+        push(&["-append", c]);
+    }
+    for (i, d) in def.disks.iter().enumerate() {
+        for arg in disk_args(i, d) {
+            a.push(arg);
+        }
+    }
+    let mut push = |s: &[&str]| a.extend(s.iter().map(|x| x.to_string()));
+    push(&["-pidfile", &paths.pid.to_string_lossy(), "-daemonize", "-S"]);
+    if mode == StartMode::Incoming {
+        push(&["-incoming", "defer"]);
+    }
+    a.extend(def.extra_args.iter().cloned());
+    a.into_iter().map(OsString::from).collect()
+}
+
+/// -blockdev (JSON syntax: no comma escaping) for the file and format nodes,
+/// and the virtio-blk device.
+fn disk_args(i: usize, d: &Disk) -> Vec<String> {
+    let (direct, write_cache) = d.cache.flags();
+    let file = json!({
+        "driver": "file",
+        "node-name": format!("qlive-file{i}"),
+        "filename": d.path.to_string_lossy(),
+        "aio": d.aio.as_str(),
+        "cache": {"direct": direct, "no-flush": false},
+        "read-only": d.readonly,
+    });
+    let fmt = json!({
+        "driver": d.format.as_str(),
+        "node-name": format!("qlive-disk{i}"),
+        "file": format!("qlive-file{i}"),
+        "cache": {"direct": direct, "no-flush": false},
+        "read-only": d.readonly,
+    });
+    vec![
+        "-blockdev".into(),
+        file.to_string(),
+        "-blockdev".into(),
+        fmt.to_string(),
+        "-device".into(),
+        format!(
+            "virtio-blk-pci,drive=qlive-disk{i},id=disk{i},write-cache={}",
+            if write_cache { "on" } else { "off" }
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def() -> Definition {
+        Definition::from_value(&serde_json::json!({
+            "name": "vm", "emulator": "/usr/bin/qemu-system-x86_64", "memory_mib": 512,
+            "kernel": "/k", "cmdline": "console=ttyS0",
+            "disks": [{"path": "/img,with,commas.qcow2", "format": "qcow2"}],
+            "extra_args": ["-device", "virtio-rng-pci"],
+        }))
+        .unwrap()
+    }
+
+    fn s(v: &[OsString]) -> Vec<String> {
+        v.iter().map(|x| x.to_string_lossy().into_owned()).collect()
+    }
+
+    #[test]
+    fn ram_is_the_shared_fd_and_paths_are_per_instance() {
+        let p = InstancePaths::new(Path::new("/run/q"), "vm", 5);
+        let a = s(&build(
+            &def(),
+            "pc-q35-7.2",
+            EffectiveAccel::Tcg,
+            &p,
+            Path::new("/s/c.log"),
+            StartMode::Boot,
+        ));
+        let j = a.join(" ");
+        assert!(j.contains("mem-path=/proc/self/fd/3,share=on"), "{j}");
+        assert!(
+            j.contains("-machine pc-q35-7.2,memory-backend=qlive-ram"),
+            "{j}"
+        );
+        assert!(j.contains("path=/run/q/domains/vm/5/qmp.sock"), "{j}");
+        assert!(j.contains("-daemonize -S"), "{j}");
+        assert!(!j.contains("-incoming"));
+        // extra args come last, verbatim
+        assert_eq!(&a[a.len() - 2..], ["-device", "virtio-rng-pci"]);
+        // the JSON blockdev keeps the comma path intact
+        assert!(j.contains(r#""filename":"/img,with,commas.qcow2""#), "{j}");
+    }
+
+    #[test]
+    fn incoming_differs_only_in_paths_and_incoming() {
+        let p1 = InstancePaths::new(Path::new("/run/q"), "vm", 5);
+        let p2 = InstancePaths::new(Path::new("/run/q"), "vm", 6);
+        let a = s(&build(
+            &def(),
+            "pc-q35-7.2",
+            EffectiveAccel::Tcg,
+            &p1,
+            Path::new("/c"),
+            StartMode::Boot,
+        ));
+        let b = s(&build(
+            &def(),
+            "pc-q35-7.2",
+            EffectiveAccel::Tcg,
+            &p2,
+            Path::new("/c"),
+            StartMode::Incoming,
+        ));
+        let b_wo: Vec<_> = b
+            .iter()
+            .filter(|x| *x != "-incoming" && *x != "defer")
+            .cloned()
+            .collect();
+        assert_eq!(a.len(), b_wo.len());
+        let diff: Vec<_> = a.iter().zip(&b_wo).filter(|(x, y)| x != y).collect();
+        assert!(
+            diff.iter().all(|(x, _)| x.contains("/run/q/domains/vm/5/")),
+            "{diff:?}"
+        );
+    }
+
+    #[test]
+    fn commas_in_paths_are_escaped() {
+        let p = InstancePaths::new(Path::new("/run/a,b"), "vm", 1);
+        let j = s(&build(
+            &def(),
+            "pc-q35-7.2",
+            EffectiveAccel::Tcg,
+            &p,
+            Path::new("/c"),
+            StartMode::Boot,
+        ))
+        .join(" ");
+        assert!(j.contains("path=/run/a,,b/domains/vm/1/qmp.sock"), "{j}");
+    }
+}

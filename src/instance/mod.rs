@@ -1,0 +1,337 @@
+//! One QEMU instance: spawn, adopt after an agent restart, stop, clean up.
+//!
+//! QEMU runs with `-daemonize`: when the spawn returns, QEMU has created its
+//! sockets and pidfile, and it is no child of the agent, so it outlives the
+//! agent's exit, SIGKILL and restart. The agent keeps, per instance, a pidfd
+//! (exit notification without pid-reuse races), a QMP connection, and the
+//! guest RAM memfd it passed in at fd [`memory::GUEST_RAM_FD`].
+
+pub mod cmdline;
+pub mod domid;
+pub mod kvm;
+pub mod memory;
+pub mod paths;
+pub mod probe;
+pub mod process;
+
+use crate::domain::Definition;
+use crate::fsutil;
+use crate::qmp::{QemuVersion, Qmp, QmpError};
+use cmdline::{EffectiveAccel, StartMode};
+use memory::{GuestRam, GUEST_RAM_FD};
+use paths::InstancePaths;
+use process::{Pidfd, ProcessError, ProcessIdentity};
+use serde::{Deserialize, Serialize};
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error("socket path {path} is over the {limit}-byte limit of unix sockets; use a shorter --run-dir")]
+    PathTooLong { path: PathBuf, limit: usize },
+    #[error("creating instance directory {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("launching {emulator}")]
+    Launch {
+        emulator: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("QEMU {emulator} failed to start ({status}): {log}")]
+    Start {
+        emulator: PathBuf,
+        status: String,
+        log: String,
+    },
+    #[error("reading pidfile {path}")]
+    Pidfile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("tracking QEMU process")]
+    Process(#[from] ProcessError),
+    #[error("connecting QMP of instance {domid}")]
+    Qmp {
+        domid: u64,
+        #[source]
+        source: QmpError,
+    },
+    #[error("guest RAM")]
+    Memory(#[from] memory::MemoryError),
+}
+
+/// What the agent persists about a running instance (in the domain's
+/// runtime status file) to re-adopt it after a restart.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InstanceRecord {
+    pub domid: u64,
+    pub process: ProcessIdentity,
+    pub emulator: PathBuf,
+    pub qemu_version: QemuVersion,
+    pub machine: String,
+    pub accel: EffectiveAccel,
+    pub paths: InstancePaths,
+    pub ram_inode: u64,
+    /// Unix time (seconds) the instance was started.
+    pub started_at: u64,
+}
+
+/// A live instance held by the agent.
+pub struct Instance {
+    pub record: InstanceRecord,
+    pub qmp: Arc<Qmp>,
+    pub pidfd: Arc<Pidfd>,
+    pub ram: Arc<GuestRam>,
+}
+
+/// Everything needed to start one instance.
+pub struct SpawnSpec<'a> {
+    pub def: &'a Definition,
+    pub domid: u64,
+    pub machine: &'a str,
+    pub accel: EffectiveAccel,
+    pub paths: InstancePaths,
+    pub console_log: &'a Path,
+    pub mode: StartMode,
+    pub ram: Arc<GuestRam>,
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Last lines of a QEMU log, for error messages.
+pub fn log_tail(path: &Path) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = &lines[lines.len().saturating_sub(5)..];
+    if tail.is_empty() {
+        "(no output)".into()
+    } else {
+        tail.join(" | ")
+    }
+}
+
+/// Start QEMU paused (`-S`). The caller connects the console, records the
+/// instance, then sends `cont` (or migrates into it). On any error nothing
+/// is left: the process is killed and the instance directory removed.
+pub async fn spawn(spec: SpawnSpec<'_>) -> Result<Instance, InstanceError> {
+    let paths = spec.paths.clone();
+    if let Some(p) = paths.too_long_socket() {
+        return Err(InstanceError::PathTooLong {
+            path: p.to_path_buf(),
+            limit: paths::MAX_SOCKET_PATH,
+        });
+    }
+    if let Some(parent) = paths.dir.parent() {
+        fsutil::create_dir(parent, 0o700).map_err(|source| InstanceError::CreateDir {
+            path: parent.to_path_buf(),
+            source,
+        })?;
+    }
+    std::fs::DirBuilder::new()
+        .create(&paths.dir)
+        .map_err(|source| InstanceError::CreateDir {
+            path: paths.dir.clone(),
+            source,
+        })?;
+    let result = spawn_in_dir(&spec).await;
+    if result.is_err() {
+        cleanup_paths(&paths);
+    }
+    result
+}
+
+async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
+    let paths = &spec.paths;
+    let emulator = spec.def.emulator.clone();
+    let args = cmdline::build(
+        spec.def,
+        spec.machine,
+        spec.accel,
+        paths,
+        spec.console_log,
+        spec.mode,
+    );
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&paths.log)
+        .map_err(|source| InstanceError::CreateDir {
+            path: paths.log.clone(),
+            source,
+        })?;
+    let log2 = log.try_clone().map_err(|source| InstanceError::CreateDir {
+        path: paths.log.clone(),
+        source,
+    })?;
+    let ram_fd = spec.ram.raw_fd();
+    let mut cmd = std::process::Command::new(&emulator);
+    cmd.args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .current_dir("/");
+    // SAFETY: only async-signal-safe calls (dup2/fcntl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if ram_fd == GUEST_RAM_FD {
+                if libc::fcntl(ram_fd, libc::F_SETFD, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if libc::dup2(ram_fd, GUEST_RAM_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    tracing::debug!(emulator = %emulator.display(), ?args, "spawning QEMU");
+    // -daemonize: the process we start exits once QEMU is initialised.
+    let status = tokio::task::spawn_blocking(move || {
+        let mut child = cmd.spawn()?;
+        child.wait()
+    })
+    .await
+    .map_err(|e| InstanceError::Launch {
+        emulator: emulator.clone(),
+        source: io::Error::other(e),
+    })?
+    .map_err(|source| InstanceError::Launch {
+        emulator: emulator.clone(),
+        source,
+    })?;
+    if !status.success() {
+        // A daemonized child may exist if QEMU failed late; kill it.
+        if let Ok(pid) = read_pidfile(&paths.pid) {
+            if let Ok(p) = Pidfd::open(pid) {
+                let _ = p.kill_and_wait(Duration::from_secs(5)).await;
+            }
+        }
+        return Err(InstanceError::Start {
+            emulator,
+            status: status.to_string(),
+            log: log_tail(&paths.log),
+        });
+    }
+    let pid = read_pidfile(&paths.pid).map_err(|source| InstanceError::Pidfile {
+        path: paths.pid.clone(),
+        source,
+    })?;
+    let pidfd = Pidfd::open(pid)?;
+    let finish = async {
+        let process = ProcessIdentity::read(pid)?;
+        let qmp = Qmp::connect(&paths.qmp)
+            .await
+            .map_err(|source| InstanceError::Qmp {
+                domid: spec.domid,
+                source,
+            })?;
+        let record = InstanceRecord {
+            domid: spec.domid,
+            process,
+            emulator: spec.def.emulator.clone(),
+            qemu_version: qmp.version().clone(),
+            machine: spec.machine.to_string(),
+            accel: spec.accel,
+            paths: paths.clone(),
+            ram_inode: spec.ram.inode(),
+            started_at: now_unix(),
+        };
+        Ok::<_, InstanceError>((record, qmp))
+    };
+    match finish.await {
+        Ok((record, qmp)) => Ok(Instance {
+            record,
+            qmp: Arc::new(qmp),
+            pidfd: Arc::new(pidfd),
+            ram: spec.ram.clone(),
+        }),
+        Err(e) => {
+            let _ = pidfd.kill_and_wait(Duration::from_secs(5)).await;
+            Err(e)
+        }
+    }
+}
+
+pub fn read_pidfile(path: &Path) -> io::Result<i32> {
+    let s = std::fs::read_to_string(path)?;
+    s.trim()
+        .parse::<i32>()
+        .ok()
+        .filter(|p| *p > 1)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad pidfile content {s:?}"),
+            )
+        })
+}
+
+/// Re-adopt an instance recorded before an agent restart: the pidfd is
+/// opened first and the start time checked, so a reused pid is rejected.
+pub async fn adopt(record: InstanceRecord) -> Result<Instance, InstanceError> {
+    let pidfd = Pidfd::adopt(&record.process)?;
+    let ram = GuestRam::recover(record.process.pid, record.ram_inode)?;
+    let qmp = Qmp::connect(&record.paths.qmp)
+        .await
+        .map_err(|source| InstanceError::Qmp {
+            domid: record.domid,
+            source,
+        })?;
+    Ok(Instance {
+        record,
+        qmp: Arc::new(qmp),
+        pidfd: Arc::new(pidfd),
+        ram: Arc::new(ram),
+    })
+}
+
+/// Remove an instance's directory (sockets, pidfile, log).
+pub fn cleanup_paths(paths: &InstancePaths) {
+    if let Err(e) = fsutil::remove_dir_all_if_exists(&paths.dir) {
+        tracing::warn!(dir = %paths.dir.display(), error = %e, "removing instance directory");
+    }
+}
+
+impl Instance {
+    pub fn domid(&self) -> u64 {
+        self.record.domid
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.record.process.pid
+    }
+
+    /// Ask QEMU to quit, SIGKILL if it has not exited within `grace`, and
+    /// wait for the exit. Paths are removed afterwards.
+    pub async fn terminate(&self, grace: Duration) -> Result<(), InstanceError> {
+        if !self.pidfd.exited() {
+            let _ = tokio::time::timeout(grace, self.qmp.quit()).await;
+            if tokio::time::timeout(grace, self.pidfd.wait_exit())
+                .await
+                .is_err()
+            {
+                tracing::warn!(pid = self.pid(), "QEMU did not quit; sending SIGKILL");
+                self.pidfd.kill_and_wait(Duration::from_secs(10)).await?;
+            }
+        }
+        cleanup_paths(&self.record.paths);
+        Ok(())
+    }
+
+    /// Wait for the QEMU process to exit.
+    pub async fn wait_exit(&self) {
+        let _ = self.pidfd.wait_exit().await;
+    }
+}

@@ -1,0 +1,215 @@
+//! Probing an emulator binary: does it run, which version is it, which
+//! machine types and migration capabilities does it have. Used to pin the
+//! machine type on first start and (by migration) as the target preflight.
+//!
+//! The probe runs `EMULATOR -machine none -S -qmp stdio` and talks QMP over
+//! its stdio. Results are cached per (path, device, inode, mtime), so a
+//! binary replaced by a package upgrade is probed again.
+
+use crate::qmp::{QemuVersion, Qmp};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("emulator {path} does not exist")]
+    Missing { path: PathBuf },
+    #[error("emulator {path} is not an executable file")]
+    NotExecutable { path: PathBuf },
+    #[error("running emulator {path}")]
+    Spawn {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("emulator {path} did not answer QMP: {reason}; stderr: {stderr}")]
+    NoQmp {
+        path: PathBuf,
+        reason: String,
+        stderr: String,
+    },
+    #[error("emulator {path} does not support machine type {machine:?}")]
+    NoMachine { path: PathBuf, machine: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MachineType {
+    pub name: String,
+    #[serde(default)]
+    pub alias: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EmulatorInfo {
+    pub path: PathBuf,
+    pub version: QemuVersion,
+    pub machines: Vec<MachineType>,
+    pub migration_capabilities: Vec<String>,
+}
+
+impl EmulatorInfo {
+    /// Resolve an alias (`q35`) to the versioned type it stands for, or
+    /// check that a versioned type is supported.
+    pub fn resolve_machine(&self, m: &str) -> Result<String, ProbeError> {
+        if let Some(t) = self.machines.iter().find(|t| t.alias.as_deref() == Some(m)) {
+            return Ok(t.name.clone());
+        }
+        if self.machines.iter().any(|t| t.name == m) {
+            return Ok(m.to_string());
+        }
+        Err(ProbeError::NoMachine {
+            path: self.path.clone(),
+            machine: m.to_string(),
+        })
+    }
+
+    pub fn has_migration_capability(&self, cap: &str) -> bool {
+        self.migration_capabilities.iter().any(|c| c == cap)
+    }
+}
+
+/// Check the emulator path before running it, for a clear error.
+pub fn check_executable(path: &Path) -> Result<std::fs::Metadata, ProbeError> {
+    let md = std::fs::metadata(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => ProbeError::Missing {
+            path: path.to_path_buf(),
+        },
+        _ => ProbeError::Spawn {
+            path: path.to_path_buf(),
+            source: e,
+        },
+    })?;
+    if !md.is_file() || md.permissions().mode() & 0o111 == 0 {
+        return Err(ProbeError::NotExecutable {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(md)
+}
+
+/// Probe an emulator (uncached).
+pub async fn probe(path: &Path) -> Result<EmulatorInfo, ProbeError> {
+    check_executable(path)?;
+    let mut child = tokio::process::Command::new(path)
+        .args([
+            "-machine",
+            "none",
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-S",
+            "-qmp",
+            "stdio",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| ProbeError::Spawn {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let (Some(stdin), Some(stdout), Some(mut stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return Err(ProbeError::Spawn {
+            path: path.to_path_buf(),
+            source: io::Error::other("no stdio pipes"),
+        });
+    };
+    let talk = async {
+        let qmp = Qmp::handshake(stdout, stdin).await?;
+        let machines = qmp.execute_raw("query-machines", None).await?;
+        let caps = qmp.execute_raw("query-migrate-capabilities", None).await?;
+        let _ = qmp.quit().await;
+        Ok::<_, crate::qmp::QmpError>((qmp.version().clone(), machines, caps))
+    };
+    let res = tokio::time::timeout(Duration::from_secs(30), talk).await;
+    let no_qmp = |reason: String, stderr: String| ProbeError::NoQmp {
+        path: path.to_path_buf(),
+        reason,
+        stderr,
+    };
+    let (version, machines, caps) = match res {
+        Ok(Ok(v)) => v,
+        other => {
+            let _ = child.start_kill();
+            let mut buf = Vec::new();
+            use tokio::io::AsyncReadExt;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), stderr.read_to_end(&mut buf)).await;
+            let reason = match other {
+                Err(_) => "timed out after 30 s".to_string(),
+                Ok(Err(e)) => e.to_string(),
+                Ok(Ok(_)) => unreachable!(),
+            };
+            return Err(no_qmp(
+                reason,
+                String::from_utf8_lossy(&buf)
+                    .trim()
+                    .chars()
+                    .take(2000)
+                    .collect(),
+            ));
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+    let machines: Vec<MachineType> = serde_json::from_value(machines).unwrap_or_default();
+    let migration_capabilities = caps
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c["capability"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(EmulatorInfo {
+        path: path.to_path_buf(),
+        version,
+        machines,
+        migration_capabilities,
+    })
+}
+
+/// Probe results cached by file identity.
+#[derive(Default)]
+pub struct ProbeCache {
+    cache: Mutex<HashMap<(PathBuf, u64, u64, i64, i64), Arc<EmulatorInfo>>>,
+}
+
+impl ProbeCache {
+    pub async fn get(&self, path: &Path) -> Result<Arc<EmulatorInfo>, ProbeError> {
+        let md = check_executable(path)?;
+        let key = (
+            path.to_path_buf(),
+            md.dev(),
+            md.ino(),
+            md.mtime(),
+            md.mtime_nsec(),
+        );
+        if let Some(hit) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return Ok(hit.clone());
+        }
+        let info = Arc::new(probe(path).await?);
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, info.clone());
+        Ok(info)
+    }
+}

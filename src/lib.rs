@@ -1,0 +1,23 @@
+//! qlive: live-upgrade the hypervisor under running QEMU guests.
+//!
+//! The crate is one library and one binary (`qlive`). The binary's `agent`
+//! subcommand runs the daemon; every other subcommand is a client of the
+//! daemon's API socket. See `docs/architecture.md` for the big picture.
+//!
+//! Module map (one job each, one error enum each):
+//! - [`domain`]: the validated definition, the on-disk store, the domain table.
+//! - [`instance`]: one QEMU process: paths, command line, spawn/adopt/kill, owned fds.
+//! - [`qmp`]: QMP client on top of the `qapi` crate, tolerant of newer QEMUs.
+//! - [`console`]: the per-domain console log and live stream.
+//! - [`api`]: the request/response protocol and the socket server plumbing.
+//! - [`agent`]: daemon wiring: config, startup re-adoption, request handling.
+//! - [`cli`]: client subcommands and their output.
+
+pub mod agent;
+pub mod api;
+pub mod cli;
+pub mod console;
+pub mod domain;
+pub mod fsutil;
+pub mod instance;
+pub mod qmp;
