@@ -224,7 +224,7 @@ impl Agent {
         tokio::spawn(async move {
             inst.wait_exit().await;
             let why = reason.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let reason = match why.as_deref() {
+            let reason = inst.exit_intent().unwrap_or_else(|| match why.as_deref() {
                 Some("guest-shutdown") => "guest shut down".to_string(),
                 Some("guest-reset") => "guest reset (QEMU ran with -no-reboot)".to_string(),
                 Some("host-qmp-quit") => "QEMU was told to quit".to_string(),
@@ -235,7 +235,7 @@ impl Agent {
                     inst.pid(),
                     instance::log_tail(&inst.record.paths.log)
                 ),
-            };
+            });
             agent.finish_instance(&dom, inst.domid(), reason).await;
         });
     }
@@ -270,6 +270,7 @@ impl Agent {
                 }
             }
         };
+        inst.set_exit_intent("shut down on request");
         inst.qmp
             .execute(qapi::qmp::system_powerdown {})
             .await
@@ -280,15 +281,6 @@ impl Agent {
         let forced = tokio::time::timeout(timeout, inst.wait_exit())
             .await
             .is_err();
-        if forced {
-            tracing::info!(domain = %dom.name, secs = timeout.as_secs(), "guest did not power down in time; forcing off");
-            inst.terminate(DESTROY_GRACE)
-                .await
-                .map_err(|source| AgentError::Start {
-                    name: dom.name.clone(),
-                    source,
-                })?;
-        }
         let reason = if forced {
             format!(
                 "forced off: guest did not power down within {} s",
@@ -297,6 +289,16 @@ impl Agent {
         } else {
             "shut down on request".to_string()
         };
+        if forced {
+            tracing::info!(domain = %dom.name, secs = timeout.as_secs(), "guest did not power down in time; forcing off");
+            inst.set_exit_intent(reason.clone());
+            inst.terminate(DESTROY_GRACE)
+                .await
+                .map_err(|source| AgentError::Start {
+                    name: dom.name.clone(),
+                    source,
+                })?;
+        }
         self.finish_instance(&dom, inst.domid(), reason).await;
         Ok(json!({"name": dom.name, "forced": forced}))
     }
@@ -315,6 +317,7 @@ impl Agent {
                 }
             }
         };
+        inst.set_exit_intent("destroyed");
         inst.terminate(DESTROY_GRACE)
             .await
             .map_err(|source| AgentError::Start {

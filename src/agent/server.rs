@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
 
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
@@ -54,11 +54,14 @@ async fn write_response(
 
 async fn connection(agent: Arc<Agent>, stream: UnixStream) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
-    let mut lines = FramedRead::new(r, LinesCodec::new_with_max_length(MAX_REQUEST_BYTES));
+    // Bytes, not String: invalid UTF-8 is a bad request, not a dead connection.
+    let codec =
+        AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), MAX_REQUEST_BYTES);
+    let mut lines = FramedRead::new(r, codec);
     while let Some(line) = lines.next().await {
         let line = match line {
             Ok(l) => l,
-            Err(LinesCodecError::MaxLineLengthExceeded) => {
+            Err(AnyDelimiterCodecError::MaxChunkLengthExceeded) => {
                 let e = ApiError::new(
                     ErrorKind::TooLarge,
                     format!("request too large: over the {MAX_REQUEST_BYTES}-byte limit"),
@@ -67,12 +70,23 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> std::io::Result<()
                 write_response(&mut w, &Response::err(e)).await?;
                 return Ok(());
             }
-            Err(LinesCodecError::Io(e)) => return Err(e),
+            Err(AnyDelimiterCodecError::Io(e)) => return Err(e),
+        };
+        let line = match std::str::from_utf8(&line) {
+            Ok(l) => l.trim_end_matches('\r'),
+            Err(e) => {
+                let e = ApiError::new(
+                    ErrorKind::BadRequest,
+                    format!("malformed request: not UTF-8 ({e})"),
+                );
+                write_response(&mut w, &Response::err(e)).await?;
+                continue;
+            }
         };
         if line.trim().is_empty() {
             continue;
         }
-        let req = match api::parse_request(&line) {
+        let req = match api::parse_request(line) {
             Ok(r) => r,
             Err(e) => {
                 write_response(&mut w, &Response::err(e)).await?;

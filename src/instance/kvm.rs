@@ -2,7 +2,11 @@
 //! (nested or paravirtual flavours) expose it but cannot run an ordinary
 //! guest. `accel: auto` picks KVM only when this check passes: it creates a
 //! VM with one vCPU in real mode whose only instruction is `hlt`, runs it,
-//! and expects a HLT exit.
+//! and expects a HLT exit; and KVM must pass through the baseline CPU
+//! features the host CPU has (SSE3, SSSE3, SSE4.1/4.2, POPCNT, CX16): a
+//! KVM that hides them (seen on a paravirtual flavour where the vCPU runs a
+//! `hlt` but a Linux kernel hangs early in boot) is not one ordinary guests
+//! can use.
 
 use std::sync::OnceLock;
 
@@ -14,6 +18,41 @@ pub enum KvmError {
     Run(String),
     #[error("test vCPU exited with {0} instead of HLT")]
     UnexpectedExit(String),
+    #[error("KVM hides CPU features the host has: {0}")]
+    FilteredCpuid(String),
+}
+
+/// CPUID leaf 1 ECX bits of the x86-64-v2 baseline.
+const BASELINE_ECX: &[(u32, &str)] = &[
+    (0, "sse3"),
+    (9, "ssse3"),
+    (13, "cx16"),
+    (19, "sse4.1"),
+    (20, "sse4.2"),
+    (23, "popcnt"),
+];
+
+fn check_cpuid(kvm: &kvm_ioctls::Kvm) -> Result<(), KvmError> {
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| KvmError::Run(e.to_string()))?;
+    let kvm_ecx = supported
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 1)
+        .map(|e| e.ecx)
+        .unwrap_or(0);
+    let host_ecx = std::arch::x86_64::__cpuid(1).ecx;
+    let hidden: Vec<&str> = BASELINE_ECX
+        .iter()
+        .filter(|(bit, _)| host_ecx & (1 << bit) != 0 && kvm_ecx & (1 << bit) == 0)
+        .map(|(_, n)| *n)
+        .collect();
+    if hidden.is_empty() {
+        Ok(())
+    } else {
+        Err(KvmError::FilteredCpuid(hidden.join(", ")))
+    }
 }
 
 /// Cached for the life of the process.
@@ -36,6 +75,7 @@ fn probe() -> Result<(), KvmError> {
     use kvm_ioctls::{Kvm, VcpuExit};
 
     let kvm = Kvm::new().map_err(|e| KvmError::Open(e.to_string()))?;
+    check_cpuid(&kvm)?;
     let vm = kvm.create_vm().map_err(|e| KvmError::Run(e.to_string()))?;
     const MEM: usize = 0x1000;
     const GUEST_ADDR: u64 = 0x1000;

@@ -90,6 +90,9 @@ pub struct Instance {
     pub qmp: Arc<Qmp>,
     pub pidfd: Arc<Pidfd>,
     pub ram: Arc<GuestRam>,
+    /// Why the agent itself is ending this instance (stop, destroy), so
+    /// whoever notices the exit first records the right reason.
+    exit_intent: std::sync::Mutex<Option<String>>,
 }
 
 /// Everything needed to start one instance.
@@ -256,6 +259,7 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
             qmp: Arc::new(qmp),
             pidfd: Arc::new(pidfd),
             ram: spec.ram.clone(),
+            exit_intent: Default::default(),
         }),
         Err(e) => {
             let _ = pidfd.kill_and_wait(Duration::from_secs(5)).await;
@@ -294,6 +298,7 @@ pub async fn adopt(record: InstanceRecord) -> Result<Instance, InstanceError> {
         qmp: Arc::new(qmp),
         pidfd: Arc::new(pidfd),
         ram: Arc::new(ram),
+        exit_intent: Default::default(),
     })
 }
 
@@ -311,6 +316,18 @@ impl Instance {
 
     pub fn pid(&self) -> i32 {
         self.record.process.pid
+    }
+
+    /// Record why the agent is about to end this instance.
+    pub fn set_exit_intent(&self, why: impl Into<String>) {
+        *self.exit_intent.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.into());
+    }
+
+    pub fn exit_intent(&self) -> Option<String> {
+        self.exit_intent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Ask QEMU to quit, SIGKILL if it has not exited within `grace`, and

@@ -181,10 +181,13 @@ pub async fn probe(path: &Path) -> Result<EmulatorInfo, ProbeError> {
     })
 }
 
+/// (path, device, inode, mtime s, mtime ns): changes when the binary does.
+type FileKey = (PathBuf, u64, u64, i64, i64);
+
 /// Probe results cached by file identity.
 #[derive(Default)]
 pub struct ProbeCache {
-    cache: Mutex<HashMap<(PathBuf, u64, u64, i64, i64), Arc<EmulatorInfo>>>,
+    cache: Mutex<HashMap<FileKey, Arc<EmulatorInfo>>>,
 }
 
 impl ProbeCache {

@@ -1,0 +1,37 @@
+# qlive: the two commands that matter are `make demo` and `make test`.
+# Both work on a fresh Debian 12 machine (they install what they need).
+
+CARGO ?= cargo
+GUEST_DIR := target/guest
+
+.PHONY: all build deps guest demo test lint unit bench clean
+
+all: build
+
+deps:
+	scripts/deps.sh
+
+build: deps
+	$(CARGO) build --release --locked
+
+# The test guest: Debian kernel + static C /init (tests/guest/).
+guest: deps
+	tests/guest/build.sh $(GUEST_DIR)
+
+# Boot the demo guest under a private agent and show it running.
+demo: build guest
+	scripts/demo.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+# Everything: lint, unit and integration tests (real QEMU under TCG).
+test: deps guest lint
+	$(CARGO) nextest run --locked --profile ci
+
+bench: build guest
+	$(CARGO) bench --locked --bench core
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Install what qlive's build, demo and test suite need on Debian 12.
+# Idempotent: does nothing (and no `apt-get update`) when all is present.
+set -euo pipefail
+
+export DEBIAN_FRONTEND=noninteractive
+apt_get() { apt-get -o DPkg::Lock::Timeout=900 -q "$@"; }
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo"
+
+missing=0
+# qemu-system-x86 7.2 is Debian 12's own QEMU: the "old" hypervisor.
+for cmd in qemu-system-x86_64 qemu-img cpio gcc ip unshare nsenter; do
+  command -v "$cmd" >/dev/null 2>&1 || missing=1
+done
+[ -e /usr/share/seabios/bios-256k.bin ] || missing=1
+dpkg-query -W -f='${Status}' qemu-system-x86 2>/dev/null | grep -q "ok installed" || missing=1
+
+if [ "$missing" = 1 ]; then
+  echo "deps: installing Debian packages"
+  $SUDO apt-get -o DPkg::Lock::Timeout=900 -q update
+  # Some images carry qemu-utils from bookworm-backports, whose version
+  # Breaks qemu-system-common 7.2: take qemu-utils from bookworm too.
+  utils="qemu-utils"
+  if apt-cache policy qemu-utils | grep -q '~bpo12'; then
+    utils="qemu-utils/bookworm"
+  fi
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 -q install -y \
+    --no-install-recommends --allow-downgrades \
+    qemu-system-x86 "$utils" seabios ipxe-qemu cpio gcc libc6-dev iproute2 util-linux kmod xz-utils
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "deps: cargo is required (install Rust with rustup)" >&2
+  exit 1
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "deps: installing cargo-nextest"
+  cargo install cargo-nextest --locked
+fi

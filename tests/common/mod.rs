@@ -1,0 +1,352 @@
+//! Shared rig for integration tests and benchmarks: a real `qlive agent`
+//! process on temp dirs, driving real QEMU (TCG) with the project's test
+//! guest. Everything a rig starts is killed and removed in `Drop`, also when
+//! the test fails.
+#![allow(dead_code)]
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const SYSTEM_QEMU: &str = "/usr/bin/qemu-system-x86_64";
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn qlive_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_qlive"))
+}
+
+/// The test guest built by `tests/guest/build.sh` (`make guest`).
+pub struct GuestImage {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+pub fn guest_image() -> GuestImage {
+    let dir = std::env::var_os("QLIVE_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/guest"));
+    let kernel = dir.join("vmlinux");
+    let initrd = dir.join("initrd.img");
+    assert!(
+        kernel.is_file() && initrd.is_file(),
+        "test guest missing in {}: run `make guest` (tests/guest/build.sh)",
+        dir.display()
+    );
+    GuestImage { kernel, initrd }
+}
+
+pub struct Rig {
+    pub dir: tempfile::TempDir,
+    pub state: PathBuf,
+    pub run: PathBuf,
+    pub socket: PathBuf,
+    agent: Option<Child>,
+}
+
+impl Rig {
+    /// A fresh agent on fresh temp dirs.
+    pub fn new() -> Rig {
+        // Short base path: unix socket paths are limited to 107 bytes.
+        let dir = tempfile::Builder::new()
+            .prefix("ql")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let state = dir.path().join("state");
+        let run = dir.path().join("run");
+        let socket = run.join("qlive.sock");
+        let mut rig = Rig {
+            dir,
+            state,
+            run,
+            socket,
+            agent: None,
+        };
+        rig.start_agent();
+        rig
+    }
+
+    pub fn agent_log(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
+    }
+
+    pub fn start_agent(&mut self) {
+        assert!(self.agent.is_none(), "agent already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.agent_log())
+            .expect("agent log");
+        let child = Command::new(qlive_bin())
+            .arg("agent")
+            .env("QLIVE_STATE_DIR", &self.state)
+            .env("QLIVE_RUN_DIR", &self.run)
+            .env("QLIVE_SOCKET", &self.socket)
+            .env("QLIVE_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn agent");
+        self.agent = Some(child);
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(30) {
+            if self.try_call(&json!({"op": "ping"})).is_ok() {
+                return;
+            }
+            if let Some(c) = self.agent.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("agent exited at startup ({st}): {}", self.agent_log_text());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "agent did not answer within 30 s: {}",
+            self.agent_log_text()
+        );
+    }
+
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|c| c.id())
+    }
+
+    pub fn agent_log_text(&self) -> String {
+        std::fs::read_to_string(self.agent_log()).unwrap_or_default()
+    }
+
+    /// SIGKILL the agent (QEMUs keep running).
+    pub fn kill_agent(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart_agent(&mut self) {
+        self.kill_agent();
+        self.start_agent();
+    }
+
+    /// Run the CLI against this rig's agent.
+    pub fn qlive(&self, args: &[&str]) -> Output {
+        Command::new(qlive_bin())
+            .args(args)
+            .env("QLIVE_SOCKET", &self.socket)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run qlive")
+    }
+
+    /// Run the CLI, assert success, return stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.qlive(args);
+        assert!(
+            o.status.success(),
+            "qlive {args:?} failed ({}): {}\nagent log:\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr),
+            tail(&self.agent_log_text(), 30)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Run the CLI, assert failure, return (exit code, stderr).
+    pub fn fails(&self, args: &[&str]) -> (i32, String) {
+        let o = self.qlive(args);
+        assert!(!o.status.success(), "qlive {args:?} unexpectedly succeeded");
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    }
+
+    /// One raw API request on a fresh connection.
+    pub fn try_call(&self, req: &Value) -> Result<Value, Value> {
+        let mut s = UnixStream::connect(&self.socket).map_err(|e| json!(e.to_string()))?;
+        s.set_read_timeout(Some(Duration::from_secs(120))).ok();
+        writeln!(s, "{req}").map_err(|e| json!(e.to_string()))?;
+        let mut line = String::new();
+        BufReader::new(s)
+            .read_line(&mut line)
+            .map_err(|e| json!(e.to_string()))?;
+        let v: Value = serde_json::from_str(&line).map_err(|e| json!(e.to_string()))?;
+        if v["ok"] == true {
+            Ok(v["result"].clone())
+        } else {
+            Err(v["error"].clone())
+        }
+    }
+
+    pub fn info(&self, name: &str) -> Value {
+        serde_json::from_str(&self.ok(&["info", name, "--json"])).expect("info json")
+    }
+
+    /// Define the test guest under `name`; `extra` fields override.
+    pub fn define_guest(&self, name: &str, memory_mib: u64, extra: Value) {
+        let g = guest_image();
+        let mut def = json!({
+            "name": name,
+            "emulator": SYSTEM_QEMU,
+            "accel": "tcg",
+            "memory_mib": memory_mib,
+            "kernel": g.kernel,
+            "initrd": g.initrd,
+            "cmdline": "console=ttyS0 quiet panic=-1 qlive.pattern_mib=32",
+        });
+        if let (Some(d), Some(e)) = (def.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                d.insert(k.clone(), v.clone());
+            }
+        }
+        let f = self.dir.path().join(format!("{name}.json"));
+        std::fs::write(&f, def.to_string()).expect("write def");
+        self.ok(&["define", f.to_str().expect("utf8")]);
+    }
+
+    pub fn console_log(&self, name: &str) -> PathBuf {
+        self.state.join("console").join(format!("{name}.log"))
+    }
+
+    pub fn heartbeat(&self, name: &str) -> Heartbeat {
+        Heartbeat::parse(&std::fs::read(self.console_log(name)).unwrap_or_default())
+    }
+
+    /// Wait until the guest's heartbeat passes `seq`.
+    pub fn wait_heartbeat_past(&self, name: &str, seq: u64, timeout: Duration) -> Heartbeat {
+        let t0 = Instant::now();
+        loop {
+            let hb = self.heartbeat(name);
+            if hb.last > seq {
+                return hb;
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "{name}: heartbeat did not pass {seq} within {timeout:?} (last {}); console tail: {:?}",
+                hb.last,
+                tail(&String::from_utf8_lossy(&std::fs::read(self.console_log(name)).unwrap_or_default()), 5)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Pids of QEMU processes whose command line mentions this rig's dir.
+    pub fn qemu_pids(&self) -> Vec<i32> {
+        let needle = self.dir.path().to_string_lossy().into_owned();
+        let mut out = vec![];
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            let mut cmd = Vec::new();
+            if std::fs::File::open(e.path().join("cmdline"))
+                .and_then(|mut f| f.read_to_end(&mut cmd))
+                .is_err()
+            {
+                continue;
+            }
+            let cmd = String::from_utf8_lossy(&cmd);
+            if cmd.contains("qemu-system") && cmd.contains(&needle) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
+    /// Entries of a directory (empty if it does not exist).
+    pub fn ls(p: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(p)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.kill_agent();
+        for pid in self.qemu_pids() {
+            // SAFETY: kill(2) with a pid we found running our command line.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let t0 = Instant::now();
+        while !self.qemu_pids().is_empty() && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// What the guest's heartbeat on the console says.
+#[derive(Debug, Default, Clone)]
+pub struct Heartbeat {
+    pub first: u64,
+    pub last: u64,
+    pub count: u64,
+    /// Places where a line is not `HB <prev+1>` after heartbeats began:
+    /// a lost, duplicated or mangled byte shows up here.
+    pub breaks: Vec<String>,
+    pub corrupt: Vec<String>,
+    pub ready_count: usize,
+}
+
+impl Heartbeat {
+    pub fn parse(bytes: &[u8]) -> Heartbeat {
+        let text = String::from_utf8_lossy(bytes);
+        let mut hb = Heartbeat::default();
+        let mut lines: Vec<&str> = text.split('\n').collect();
+        // The last piece may be a line still being written.
+        lines.pop();
+        for l in lines {
+            let l = l.trim_end_matches('\r');
+            if l.contains("CORRUPT") {
+                hb.corrupt.push(l.to_string());
+            }
+            if l.contains("QLIVE-GUEST READY") {
+                hb.ready_count += 1;
+            }
+            if let Some(n) = l.strip_prefix("HB ").and_then(|n| n.parse::<u64>().ok()) {
+                if hb.count == 0 {
+                    hb.first = n;
+                } else if n != hb.last + 1 {
+                    hb.breaks.push(format!("HB {} followed by HB {n}", hb.last));
+                }
+                hb.last = n;
+                hb.count += 1;
+            } else if l.contains("HB ") && !l.ends_with("READY") {
+                // Two lines run together, or a torn line: bytes lost or doubled.
+                hb.breaks
+                    .push(format!("mangled line after HB {}: {l:?}", hb.last));
+            }
+        }
+        hb
+    }
+
+    /// Assert a whole, uncorrupted stream that began with heartbeat 1.
+    pub fn assert_intact(&self, what: &str) {
+        assert!(self.count > 0, "{what}: no heartbeat at all");
+        assert!(
+            self.corrupt.is_empty(),
+            "{what}: guest memory CORRUPT: {:?}",
+            self.corrupt
+        );
+        assert!(
+            self.breaks.is_empty(),
+            "{what}: heartbeat stream broken: {:?}",
+            &self.breaks[..self.breaks.len().min(5)]
+        );
+    }
+}
