@@ -4,7 +4,7 @@
 CARGO ?= cargo
 GUEST_DIR := target/guest
 
-.PHONY: all build deps guest demo test lint unit bench clean
+.PHONY: all build deps guest qemu-new demo test lint bench clean
 
 all: build
 
@@ -18,8 +18,12 @@ build: deps
 guest: deps
 	tests/guest/build.sh $(GUEST_DIR)
 
+# The newer QEMU (bookworm-backports 10.0) unpacked under target/, not installed.
+qemu-new: deps
+	tests/rig/fetch-new-qemu.sh target/qemu-new
+
 # Boot the demo guest under a private agent and show it running.
-demo: build guest
+demo: build guest qemu-new
 	scripts/demo.sh
 
 lint:
@@ -27,7 +31,7 @@ lint:
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
 # Everything: lint, unit and integration tests (real QEMU under TCG).
-test: deps guest lint
+test: deps guest qemu-new lint
 	$(CARGO) nextest run --locked --profile ci
 
 bench: build guest

@@ -42,11 +42,19 @@ fn first_heartbeat_after_start(rig: &Rig, name: &str) -> (Duration, Duration) {
 
 fn stats(mut v: Vec<f64>) -> String {
     v.sort_by(|a, b| a.total_cmp(b));
-    format!("min {:.0}  median {:.0}  max {:.0}", v[0], v[v.len() / 2], v[v.len() - 1])
+    format!(
+        "min {:.0}  median {:.0}  max {:.0}",
+        v[0],
+        v[v.len() / 2],
+        v[v.len() - 1]
+    )
 }
 
 fn main() {
-    let runs: usize = std::env::var("QLIVE_BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let runs: usize = std::env::var("QLIVE_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
     let rig = Rig::new();
     rig.define_guest("b0", 1024, json!({}));
     let (mut cmd_ms, mut hb_ms) = (vec![], vec![]);
@@ -58,7 +66,10 @@ fn main() {
         rig.ok(&["destroy", "b0"]);
     }
     println!("qlive core benchmark (1 GiB test guest, TCG, {runs} starts)");
-    println!("  `qlive start` returns after (ms):       {}", stats(cmd_ms));
+    println!(
+        "  `qlive start` returns after (ms):       {}",
+        stats(cmd_ms)
+    );
     println!("  `qlive start` -> first heartbeat (ms):  {}", stats(hb_ms));
 
     let pid = rig.agent_pid().expect("agent pid");

@@ -20,4 +20,5 @@ pub mod console;
 pub mod domain;
 pub mod fsutil;
 pub mod instance;
+pub mod migration;
 pub mod qmp;

@@ -307,3 +307,33 @@ fn two_agents_cannot_share_a_run_dir() {
     // the first still serves
     rig.ok(&["list"]);
 }
+
+#[test]
+fn unreadable_status_leaves_the_running_guest_alone() {
+    let mut rig = Rig::new();
+    rig.define_guest("opaque", 256, json!({}));
+    rig.ok(&["start", "opaque"]);
+    let pid = rig.info("opaque")["pid"].as_i64().unwrap() as i32;
+    rig.kill_agent();
+    std::fs::write(rig.run.join("domains/opaque/status.json"), "{garbage").unwrap();
+    rig.start_agent();
+    let i = rig.info("opaque");
+    assert_eq!(i["state"], "unreachable", "{i}");
+    assert!(
+        i["reason"].as_str().unwrap().contains("status unreadable"),
+        "{i}"
+    );
+    // not killed, not orphaned: start is refused, the QEMU still runs
+    assert_eq!(rig.qemu_pids(), vec![pid]);
+    let (_, err) = rig.fails(&["start", "opaque"]);
+    assert!(
+        err.contains("may still run") && err.contains("destroy"),
+        "{err}"
+    );
+    // destroy finds and kills it
+    rig.ok(&["destroy", "opaque"]);
+    assert!(rig.qemu_pids().is_empty());
+    assert_eq!(rig.info("opaque")["state"], "shut-off");
+    rig.ok(&["start", "opaque"]);
+    rig.ok(&["destroy", "opaque"]);
+}

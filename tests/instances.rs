@@ -40,15 +40,21 @@ async fn two_instances_of_one_domain_do_not_clash() {
         mode,
         ram: ram.clone(),
     };
-    let a = spawn(spec(1, StartMode::Boot)).await.unwrap();
-    let b = spawn(spec(2, StartMode::Incoming)).await;
-    let b = match b {
-        Ok(b) => b,
-        Err(e) => {
-            let _ = a.terminate(Duration::from_secs(5)).await;
-            panic!("second instance: {e}");
+    // Kills both QEMUs even if an assertion below panics.
+    struct Guard(Vec<i32>);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            for pid in &self.0 {
+                // SAFETY: kill(2) on QEMUs this test started.
+                unsafe { libc::kill(*pid, libc::SIGKILL) };
+            }
         }
-    };
+    }
+    let mut guard = Guard(vec![]);
+    let a = spawn(spec(1, StartMode::Boot)).await.unwrap();
+    guard.0.push(a.pid());
+    let b = spawn(spec(2, StartMode::Incoming)).await.unwrap();
+    guard.0.push(b.pid());
     let check = async {
         let (pa, pb) = (&a.record.paths, &b.record.paths);
         let all_a = [&pa.dir, &pa.qmp, &pa.console, &pa.pid, &pa.log];

@@ -7,8 +7,13 @@
 //! domains never wait for each other. Long waits (a guest's ACPI shutdown)
 //! are done without the domain lock.
 
+mod migrate;
 mod ops;
 pub use ops::DEFAULT_STOP_TIMEOUT_S;
+
+pub const fn migrate_default_timeout() -> u64 {
+    migrate::DEFAULT_TIMEOUT_S
+}
 mod recover;
 mod server;
 
@@ -27,12 +32,15 @@ use uuid::Uuid;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/qlive";
 pub const DEFAULT_RUN_DIR: &str = "/run/qlive";
 pub const DEFAULT_SOCKET: &str = "/run/qlive/qlive.sock";
+pub const DEFAULT_HOOKS_DIR: &str = "/etc/qlive/hooks.d";
 
 #[derive(Debug, Clone)]
 pub struct Config {
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
     pub socket: PathBuf,
+    /// Required-feature hooks run on the migration destination.
+    pub hooks_dir: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +63,20 @@ pub enum AgentError {
     },
     #[error("{0}")]
     InvalidState(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("stopping domain {name}")]
+    Stop {
+        name: String,
+        #[source]
+        source: InstanceError,
+    },
+    #[error("migrating domain {name}")]
+    Migration {
+        name: String,
+        #[source]
+        source: crate::migration::MigrationError,
+    },
     #[error("{what}")]
     Io {
         what: String,
@@ -80,6 +102,8 @@ impl AgentError {
             AgentError::Table(_) => ErrorKind::AlreadyExists,
             AgentError::Probe(_) | AgentError::Start { .. } => ErrorKind::Emulator,
             AgentError::InvalidState(_) => ErrorKind::InvalidState,
+            AgentError::Busy(_) => ErrorKind::Busy,
+            AgentError::Migration { .. } => ErrorKind::MigrationFailed,
             AgentError::Store(StoreError::BadName(_)) => ErrorKind::BadRequest,
             _ => ErrorKind::Internal,
         }
@@ -107,13 +131,25 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// What a domain is doing.
 pub enum Run {
-    ShutOff { reason: String },
+    ShutOff {
+        reason: String,
+    },
     Running(Arc<Instance>),
+    /// A QEMU of this domain may still run, but the agent could not take it
+    /// over (QMP did not answer, guest RAM not recoverable, status file
+    /// unreadable). It is left alone: `start` is refused (a second QEMU on
+    /// the same disks would corrupt them) and `destroy` kills it.
+    Unreachable {
+        record: Option<Box<InstanceRecord>>,
+        reason: String,
+    },
 }
 
 pub struct DomainState {
     pub def: Definition,
     pub run: Run,
+    /// A migration job holds the domain: other mutating calls are refused.
+    pub job: Option<Arc<crate::migration::job::Job>>,
     /// Set by undefine under the lock: a handle still held elsewhere must
     /// not act on a domain that no longer exists.
     pub removed: bool,
@@ -124,13 +160,58 @@ pub struct Domain {
     pub uuid: Uuid,
     pub state: tokio::sync::Mutex<DomainState>,
     pub console: ConsoleHub,
+    /// The reader of the current instance's console socket.
+    pub console_reader: Mutex<Option<crate::console::ConsoleReader>>,
+}
+
+impl Domain {
+    pub fn new(def: Definition, uuid: Uuid, reason: &str) -> Domain {
+        Domain {
+            name: def.name.clone(),
+            uuid,
+            state: tokio::sync::Mutex::new(DomainState {
+                def,
+                run: Run::ShutOff {
+                    reason: reason.into(),
+                },
+                job: None,
+                removed: false,
+            }),
+            console: ConsoleHub::default(),
+            console_reader: Mutex::new(None),
+        }
+    }
+
+    pub fn set_console_reader(&self, r: Option<crate::console::ConsoleReader>) {
+        *self
+            .console_reader
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = r;
+    }
+
+    pub fn console_reader(&self) -> Option<crate::console::ConsoleReader> {
+        self.console_reader
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl DomainState {
+    /// Refuse a mutating call while a job holds the domain.
+    pub fn check_no_job(&self, name: &str) -> Result<(), AgentError> {
+        match &self.job {
+            Some(j) => Err(AgentError::Busy(j.busy_message(name))),
+            None => Ok(()),
+        }
+    }
 }
 
 pub struct Agent {
     pub cfg: Config,
     store: Store,
     domids: DomidAllocator,
-    table: Mutex<DomainTable<Arc<Domain>, ()>>,
+    table: Mutex<DomainTable<Arc<Domain>, Arc<Instance>>>,
     probes: ProbeCache,
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
@@ -187,7 +268,7 @@ impl Agent {
         Ok(agent)
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, DomainTable<Arc<Domain>, ()>> {
+    fn table(&self) -> std::sync::MutexGuard<'_, DomainTable<Arc<Domain>, Arc<Instance>>> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -1,8 +1,7 @@
 //! Request handlers: one function per API operation.
 
-use super::{error_chain, path_str, Agent, AgentError, Domain, DomainState, Run};
+use super::{error_chain, path_str, Agent, AgentError, Domain, Run};
 use crate::api::Request;
-use crate::console::ConsoleHub;
 use crate::domain::definition::Accel;
 use crate::domain::{Definition, DefinitionError};
 use crate::instance::cmdline::{EffectiveAccel, StartMode};
@@ -33,6 +32,17 @@ impl Agent {
             Request::Destroy { name } => self.destroy(&name).await,
             Request::List {} => self.list().await,
             Request::Info { name } => self.info(&name).await,
+            Request::Migrate {
+                name,
+                emulator,
+                timeout_s,
+            } => {
+                let timeout =
+                    Duration::from_secs(timeout_s.unwrap_or(super::migrate::DEFAULT_TIMEOUT_S));
+                self.migrate(&name, emulator, timeout).await
+            }
+            Request::Job { name } => self.job(&name).await,
+            Request::Abort { name } => self.abort(&name).await,
             // Streaming; handled by the server before it gets here.
             Request::Console { .. } => Err(AgentError::InvalidState(
                 "console is a streaming call".into(),
@@ -60,18 +70,7 @@ impl Agent {
             )));
         }
         self.store.save(&def)?;
-        let dom = Arc::new(Domain {
-            name: def.name.clone(),
-            uuid,
-            state: tokio::sync::Mutex::new(DomainState {
-                def: def.clone(),
-                run: Run::ShutOff {
-                    reason: "defined".into(),
-                },
-                removed: false,
-            }),
-            console: ConsoleHub::default(),
-        });
+        let dom = Arc::new(Domain::new(def.clone(), uuid, "defined"));
         table.insert(&def.name, uuid, dom)?;
         tracing::info!(domain = %def.name, %uuid, "defined");
         Ok(json!({"name": def.name, "uuid": uuid}))
@@ -83,16 +82,26 @@ impl Agent {
         if st.removed {
             return Err(crate::domain::TableError::NotFound(name.into()).into());
         }
-        if let Run::Running(i) = &st.run {
-            return Err(AgentError::InvalidState(format!(
-                "domain {} is running (domid {}); stop or destroy it first",
-                dom.name,
-                i.domid()
-            )));
+        st.check_no_job(&dom.name)?;
+        match &st.run {
+            Run::Running(i) => {
+                return Err(AgentError::InvalidState(format!(
+                    "domain {} is running (domid {}); stop or destroy it first",
+                    dom.name,
+                    i.domid()
+                )))
+            }
+            Run::Unreachable { .. } => {
+                return Err(AgentError::InvalidState(format!(
+                    "domain {} may still have a QEMU running; destroy it first",
+                    dom.name
+                )))
+            }
+            Run::ShutOff { .. } => {}
         }
+        self.store.remove(&dom.name)?;
         self.table().remove(&dom.name)?;
         st.removed = true;
-        self.store.remove(&dom.name)?;
         let _ = crate::fsutil::remove_file_if_exists(&self.console_log(&dom.name));
         let _ = crate::fsutil::remove_dir_all_if_exists(&crate::instance::paths::domain_run_dir(
             &self.cfg.run_dir,
@@ -107,6 +116,13 @@ impl Agent {
         let mut st = dom.state.lock().await;
         if st.removed {
             return Err(crate::domain::TableError::NotFound(name.into()).into());
+        }
+        st.check_no_job(&dom.name)?;
+        if let Run::Unreachable { reason, .. } = &st.run {
+            return Err(AgentError::InvalidState(format!(
+                "a QEMU of domain {} may still run but the agent could not take it over ({reason}); `qlive destroy {}` kills it",
+                dom.name, dom.name
+            )));
         }
         if let Run::Running(i) = &st.run {
             return Err(AgentError::InvalidState(format!(
@@ -141,8 +157,16 @@ impl Agent {
         let accel = match st.def.accel {
             Accel::Kvm => EffectiveAccel::Kvm,
             Accel::Tcg => EffectiveAccel::Tcg,
-            Accel::Auto if crate::instance::kvm::kvm_usable() => EffectiveAccel::Kvm,
-            Accel::Auto => EffectiveAccel::Tcg,
+            Accel::Auto => {
+                let kvm = tokio::task::spawn_blocking(crate::instance::kvm::kvm_usable)
+                    .await
+                    .unwrap_or(false);
+                if kvm {
+                    EffectiveAccel::Kvm
+                } else {
+                    EffectiveAccel::Tcg
+                }
+            }
         };
         let ram = Arc::new(
             GuestRam::create(&dom.name, st.def.memory_bytes()).map_err(|e| AgentError::Start {
@@ -171,13 +195,15 @@ impl Agent {
         let inst = Arc::new(inst);
         // From here on a failure must take the instance down again.
         let activate = async {
-            dom.console
-                .attach(&inst.record.paths.console)
+            let reader = dom
+                .console
+                .attach(&inst.record.paths.console, None)
                 .await
                 .map_err(|source| AgentError::Io {
                     what: "connecting to the console socket".into(),
                     source,
                 })?;
+            dom.set_console_reader(Some(reader));
             // Recorded before the vCPUs run: recovery relies on it.
             self.write_status(&dom.name, &inst.record)?;
             inst.qmp.cont().await.map_err(|source| AgentError::Qmp {
@@ -211,7 +237,12 @@ impl Agent {
         let mut events = inst.qmp.subscribe();
         let r2 = reason.clone();
         tokio::spawn(async move {
-            while let Ok(ev) = events.recv().await {
+            loop {
+                let ev = match events.recv().await {
+                    Ok(ev) => ev,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => break,
+                };
                 if ev.name == "SHUTDOWN" {
                     let why = ev.data["reason"].as_str().unwrap_or("unknown").to_string();
                     *r2.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
@@ -250,6 +281,7 @@ impl Agent {
                 self.remove_status(&dom.name);
                 tracing::info!(domain = %dom.name, domid, %reason, "instance ended");
                 st.run = Run::ShutOff { reason };
+                dom.console.end();
                 true
             }
             _ => false,
@@ -260,8 +292,13 @@ impl Agent {
         let dom = self.lookup(name)?;
         let inst = {
             let st = dom.state.lock().await;
+            st.check_no_job(&dom.name)?;
             match &st.run {
                 Run::Running(i) => i.clone(),
+                Run::Unreachable { .. } => return Err(AgentError::InvalidState(format!(
+                    "domain {} cannot be asked to shut down (not reachable over QMP); use destroy",
+                    dom.name
+                ))),
                 Run::ShutOff { .. } => {
                     return Err(AgentError::InvalidState(format!(
                         "domain {} is not running",
@@ -294,7 +331,7 @@ impl Agent {
             inst.set_exit_intent(reason.clone());
             inst.terminate(DESTROY_GRACE)
                 .await
-                .map_err(|source| AgentError::Start {
+                .map_err(|source| AgentError::Stop {
                     name: dom.name.clone(),
                     source,
                 })?;
@@ -306,9 +343,19 @@ impl Agent {
     async fn destroy(self: &Arc<Self>, name: &str) -> Result<Value, AgentError> {
         let dom = self.lookup(name)?;
         let inst = {
-            let st = dom.state.lock().await;
+            let mut st = dom.state.lock().await;
+            st.check_no_job(&dom.name)?;
             match &st.run {
                 Run::Running(i) => i.clone(),
+                Run::Unreachable { record, .. } => {
+                    let record = record.clone();
+                    self.kill_unreachable(&dom.name, record).await;
+                    self.remove_status(&dom.name);
+                    st.run = Run::ShutOff {
+                        reason: "destroyed".into(),
+                    };
+                    return Ok(json!({"name": dom.name}));
+                }
                 Run::ShutOff { .. } => {
                     return Err(AgentError::InvalidState(format!(
                         "domain {} is not running",
@@ -320,7 +367,7 @@ impl Agent {
         inst.set_exit_intent("destroyed");
         inst.terminate(DESTROY_GRACE)
             .await
-            .map_err(|source| AgentError::Start {
+            .map_err(|source| AgentError::Stop {
                 name: dom.name.clone(),
                 source,
             })?;
@@ -337,6 +384,11 @@ impl Agent {
             let (state, domid, pid) = match &st.run {
                 Run::Running(i) => (run_state(i).await, Some(i.domid()), Some(i.pid())),
                 Run::ShutOff { .. } => ("shut-off".to_string(), None, None),
+                Run::Unreachable { record, .. } => (
+                    "unreachable".to_string(),
+                    record.as_ref().map(|r| r.domid),
+                    record.as_ref().map(|r| r.process.pid),
+                ),
             };
             out.push(
                 json!({"name": d.name, "uuid": d.uuid, "state": state, "domid": domid, "pid": pid}),
@@ -358,7 +410,7 @@ impl Agent {
             "vcpus": def.vcpus,
             "memory_mib": def.memory_mib,
             "console_log": self.console_log(&dom.name),
-            "job": Value::Null,
+            "job": st.job.as_ref().map(|j| j.to_json()),
         });
         match &st.run {
             Run::Running(i) => {
@@ -378,6 +430,14 @@ impl Agent {
                     "dir": r.paths.dir, "qmp": r.paths.qmp, "console": r.paths.console,
                     "pid": r.paths.pid, "log": r.paths.log,
                 });
+            }
+            Run::Unreachable { record, reason } => {
+                v["state"] = json!("unreachable");
+                v["reason"] = json!(reason);
+                v["domid"] = json!(record.as_ref().map(|r| r.domid));
+                v["pid"] = json!(record.as_ref().map(|r| r.process.pid));
+                v["qemu_version"] = json!(record.as_ref().map(|r| r.qemu_version.to_string()));
+                v["paths"] = Value::Null;
             }
             Run::ShutOff { reason } => {
                 v["state"] = json!("shut-off");
@@ -399,11 +459,13 @@ impl Agent {
         let st = dom.state.lock().await;
         match &st.run {
             Run::Running(_) => Ok(dom.console.subscribe()),
-            Run::ShutOff { .. } => Err(AgentError::InvalidState(format!(
-                "domain {} is not running; its past output is in {}",
-                dom.name,
-                path_str(&self.console_log(&dom.name))
-            ))),
+            Run::ShutOff { .. } | Run::Unreachable { .. } => {
+                Err(AgentError::InvalidState(format!(
+                    "domain {} is not running; its past output is in {}",
+                    dom.name,
+                    path_str(&self.console_log(&dom.name))
+                )))
+            }
         }
     }
 }

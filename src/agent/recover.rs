@@ -12,9 +12,14 @@
 //!   but never recorded. The status is written before `cont`, so such a
 //!   QEMU never ran guest code: it is killed and its directory removed.
 
-use super::{error_chain, Agent, AgentError, Domain, DomainState, Run};
-use crate::console::ConsoleHub;
-use crate::instance::{self, paths::domain_run_dir, process::Pidfd};
+use super::{error_chain, Agent, AgentError, Domain, Run};
+use crate::instance::process::ProcessError;
+use crate::instance::{
+    self, paths::domain_run_dir, process::Pidfd, Instance, InstanceError, InstanceRecord,
+};
+use crate::migration::hooks::{self, HookEnv};
+use crate::migration::phase::{job_path, JobFile, Phase, PhaseName};
+use crate::migration::recovery::{self, Decision, Observed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,54 +37,95 @@ pub(super) async fn recover(agent: &Arc<Agent>) -> Result<(), AgentError> {
             continue;
         };
         let name = def.name.clone();
-        let dom = Arc::new(Domain {
-            name: name.clone(),
+        let dom = Arc::new(Domain::new(
+            def,
             uuid,
-            state: tokio::sync::Mutex::new(DomainState {
-                def,
-                run: Run::ShutOff {
-                    reason: "not started since the agent started".into(),
-                },
-                removed: false,
-            }),
-            console: ConsoleHub::default(),
-        });
+            "not started since the agent started",
+        ));
         if let Err(e) = agent.table().insert(&name, uuid, dom.clone()) {
             tracing::error!(domain = %name, error = %e, "stored domain not loaded");
             continue;
         }
-        let adopted = adopt_domain(agent, &dom).await;
-        sweep_strays(agent, &name, adopted).await;
+        let job = job_path(&domain_run_dir(&agent.cfg.run_dir, &name));
+        let adopted = match JobFile::load(&job) {
+            Ok(Some(j)) => match recover_migration(agent, &dom, j).await {
+                Some(d) => Adopted::Domid(d),
+                None => Adopted::Nothing,
+            },
+            Ok(None) => adopt_domain(agent, &dom).await,
+            Err(e) => {
+                tracing::error!(domain = %name, error = %e, "migration job file unreadable; adopting from status");
+                adopt_domain(agent, &dom).await
+            }
+        };
+        if let Some(keep) = adopted.keep() {
+            sweep_strays(agent, &name, keep).await;
+        }
     }
     Ok(())
 }
 
-/// Returns the adopted domid, if any.
-async fn adopt_domain(agent: &Arc<Agent>, dom: &Arc<Domain>) -> Option<u64> {
+/// What adoption found: which instance directories the sweep must leave.
+enum Adopted {
+    /// This domid runs the guest.
+    Domid(u64),
+    /// No instance: every instance directory is stale.
+    Nothing,
+    /// Unknown (status unreadable, or QEMU alive but not adoptable): the
+    /// sweep must not touch anything.
+    LeaveAlone,
+}
+
+impl Adopted {
+    fn keep(&self) -> Option<Option<u64>> {
+        match self {
+            Adopted::Domid(d) => Some(Some(*d)),
+            Adopted::Nothing => Some(None),
+            Adopted::LeaveAlone => None,
+        }
+    }
+}
+
+async fn adopt_domain(agent: &Arc<Agent>, dom: &Arc<Domain>) -> Adopted {
     let rec = match agent.read_status(&dom.name) {
         Ok(Some(r)) => r,
-        Ok(None) => return None,
+        Ok(None) => return Adopted::Nothing,
         Err(e) => {
-            tracing::error!(domain = %dom.name, error = %error_chain(&e), "status unreadable; domain left shut off");
-            return None;
+            let reason = format!("status unreadable: {}", error_chain(&e));
+            tracing::error!(domain = %dom.name, %reason, "instances left alone");
+            dom.state.lock().await.run = Run::Unreachable {
+                record: None,
+                reason,
+            };
+            return Adopted::LeaveAlone;
         }
     };
     let _ = agent.domids.observe(rec.domid);
     let domid = rec.domid;
     let pid = rec.process.pid;
     let paths = rec.paths.clone();
-    match instance::adopt(rec).await {
+    match instance::adopt(rec.clone()).await {
         Ok(inst) => {
             let inst = Arc::new(inst);
-            if let Err(e) = dom.console.attach(&inst.record.paths.console).await {
-                tracing::warn!(domain = %dom.name, error = %e, "console not reattached");
+            // Killed between recording the instance and `cont` in start:
+            // the guest never ran; finish the start.
+            if let Ok((false, status)) = inst.qmp.status().await {
+                if status == "prelaunch" {
+                    tracing::warn!(domain = %dom.name, domid, "instance was never resumed; finishing its start");
+                    if let Err(e) = inst.qmp.cont().await {
+                        tracing::error!(domain = %dom.name, error = %e, "cont");
+                    }
+                }
             }
+            attach_console(dom, &inst).await;
             dom.state.lock().await.run = Run::Running(inst.clone());
             agent.watch(dom, &inst);
             tracing::info!(domain = %dom.name, domid, pid, "re-adopted running instance");
-            Some(domid)
+            Adopted::Domid(domid)
         }
-        Err(e) => {
+        Err(InstanceError::Process(
+            e @ (ProcessError::Gone { .. } | ProcessError::Reused { .. }),
+        )) => {
             let reason = format!(
                 "QEMU (domid {domid}, pid {pid}) was not running when the agent started: {}",
                 error_chain(&e)
@@ -88,7 +134,20 @@ async fn adopt_domain(agent: &Arc<Agent>, dom: &Arc<Domain>) -> Option<u64> {
             instance::cleanup_paths(&paths);
             agent.remove_status(&dom.name);
             dom.state.lock().await.run = Run::ShutOff { reason };
-            None
+            Adopted::Nothing
+        }
+        Err(e) => {
+            // Alive but not adoptable: never kill or orphan it silently.
+            let reason = format!(
+                "QEMU (domid {domid}, pid {pid}) runs but could not be adopted: {}",
+                error_chain(&e)
+            );
+            tracing::error!(domain = %dom.name, %reason, "left alone");
+            dom.state.lock().await.run = Run::Unreachable {
+                record: Some(Box::new(rec)),
+                reason,
+            };
+            Adopted::LeaveAlone
         }
     }
 }
@@ -109,23 +168,240 @@ async fn sweep_strays(agent: &Arc<Agent>, name: &str, keep: Option<u64>) {
             continue;
         }
         let p = ent.path();
-        if let Ok(pid) = instance::read_pidfile(&p.join("pid")) {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let needle = p.join("qmp.sock");
-            let ours = String::from_utf8_lossy(&cmdline).contains(&*needle.to_string_lossy());
-            if ours {
-                if let Ok(pfd) = Pidfd::open(pid) {
-                    tracing::warn!(
-                        domain = name,
-                        domid,
-                        pid,
-                        "killing unrecorded QEMU (never ran vCPUs)"
-                    );
-                    let _ = pfd.kill_and_wait(Duration::from_secs(10)).await;
-                }
-            }
-        }
+        kill_unrecorded(name, &p).await;
         tracing::info!(domain = name, domid, "removing stale instance directory");
         let _ = crate::fsutil::remove_dir_all_if_exists(&p);
+    }
+}
+
+async fn attach_console(dom: &Arc<Domain>, inst: &Instance) {
+    match dom.console.attach(&inst.record.paths.console, None).await {
+        Ok(r) => dom.set_console_reader(Some(r)),
+        Err(e) => tracing::warn!(domain = %dom.name, error = %e, "console not reattached"),
+    }
+}
+
+/// Adopt an instance from a record, or None if it is gone (or not it).
+async fn try_adopt(rec: &InstanceRecord) -> Option<Arc<Instance>> {
+    match instance::adopt(rec.clone()).await {
+        Ok(i) => Some(Arc::new(i)),
+        Err(e) => {
+            tracing::info!(domid = rec.domid, pid = rec.process.pid, error = %error_chain(&e), "instance not adoptable");
+            None
+        }
+    }
+}
+
+async fn observe(src: Option<&Arc<Instance>>, dst: Option<&Arc<Instance>>) -> Observed {
+    let mut o = Observed::default();
+    if let Some(s) = src {
+        o.src_alive = true;
+        o.src_running = s.qmp.status().await.map(|x| x.0).unwrap_or(false);
+        o.src_migration = s
+            .qmp
+            .execute_raw("query-migrate", None)
+            .await
+            .ok()
+            .and_then(|v| v["status"].as_str().map(String::from));
+    }
+    if let Some(d) = dst {
+        o.dst_alive = true;
+        o.dst_running = d.qmp.status().await.map(|x| x.0).unwrap_or(false);
+        o.dst_migration = d
+            .qmp
+            .execute_raw("query-migrate", None)
+            .await
+            .ok()
+            .and_then(|v| v["status"].as_str().map(String::from));
+    }
+    o
+}
+
+/// Finish an interrupted migration by the rules of
+/// [`crate::migration::recovery`]. Returns the domid that now runs the guest.
+async fn recover_migration(agent: &Arc<Agent>, dom: &Arc<Domain>, job: JobFile) -> Option<u64> {
+    let path = job_path(&domain_run_dir(&agent.cfg.run_dir, &dom.name));
+    let phase = job.phase.name();
+    let outcome = match &job.phase {
+        Phase::Confirm { outcome, .. } => Some(*outcome),
+        _ => None,
+    };
+    let (src_rec, dst_rec, dst_paths) = match &job.phase {
+        Phase::Begin { src } => (src.clone(), None, None),
+        Phase::Prepare { src, dst_paths, .. } => (src.clone(), None, Some(dst_paths.clone())),
+        Phase::Perform { src, dst } | Phase::Finish { src, dst } => {
+            (src.clone(), Some(dst.clone()), Some(dst.paths.clone()))
+        }
+        Phase::Confirm {
+            src,
+            dst,
+            dst_paths,
+            ..
+        } => (src.clone(), dst.clone(), dst_paths.clone()),
+    };
+    let _ = agent.domids.observe(src_rec.domid);
+    if let Some(d) = &dst_rec {
+        let _ = agent.domids.observe(d.domid);
+    }
+    let src = try_adopt(&src_rec).await;
+    let dst = match &dst_rec {
+        Some(r) => try_adopt(r).await,
+        None => None,
+    };
+    let observed = observe(src.as_ref(), dst.as_ref()).await;
+    let decision = recovery::decide(phase, outcome, &observed);
+    tracing::warn!(domain = %dom.name, %phase, ?outcome, ?observed, ?decision, "recovering interrupted migration");
+    let hook_env = HookEnv {
+        domain: dom.name.clone(),
+        src_domid: src_rec.domid,
+        dst_domid: dst_rec.as_ref().map(|d| d.domid).unwrap_or(0),
+        dst_pid: dst_rec.as_ref().map(|d| d.process.pid),
+        emulator: job.target_emulator.clone(),
+    };
+    let kill = |i: Arc<Instance>, why: &'static str| async move {
+        i.set_exit_intent(why);
+        let _ = i.pidfd.kill_and_wait(Duration::from_secs(10)).await;
+        instance::cleanup_paths(&i.record.paths);
+    };
+    let result = match decision {
+        Decision::KeepSource { cancel_migration } => {
+            let Some(src) = src else {
+                unreachable_lost(dom, agent).await;
+                return None;
+            };
+            if cancel_migration {
+                let _ = src.qmp.execute(qapi::qmp::migrate_cancel {}).await;
+            }
+            // The destination dies first: then resuming the source is safe.
+            if let Some(d) = dst {
+                kill(d, "migration recovered: source kept").await;
+            }
+            if let Some(p) = &dst_paths {
+                kill_unrecorded(&dom.name, &p.dir).await;
+                instance::cleanup_paths(p);
+            }
+            if cancel_migration {
+                wait_migration_settled(&src).await;
+            }
+            if phase >= PhaseName::Prepare {
+                hooks::release(&agent.cfg.hooks_dir, &hook_env).await;
+            }
+            if job.src_was_running && !src.qmp.status().await.map(|x| x.0).unwrap_or(true) {
+                if let Err(e) = src.qmp.cont().await {
+                    tracing::error!(domain = %dom.name, error = %e, "resuming the source during recovery");
+                }
+            }
+            Some(src)
+        }
+        Decision::SwitchToDestination { cont_dst } => {
+            let Some(d) = dst else {
+                unreachable_lost(dom, agent).await;
+                return None;
+            };
+            // The source must be gone before the destination runs.
+            if let Some(s) = src {
+                kill(s, "migration recovered: destination kept").await;
+            } else {
+                instance::cleanup_paths(&src_rec.paths);
+            }
+            if cont_dst {
+                if let Err(e) = d.qmp.cont().await {
+                    tracing::error!(domain = %dom.name, error = %e, "resuming the destination during recovery");
+                }
+            }
+            if d.record.emulator != dom.state.lock().await.def.emulator {
+                let mut st = dom.state.lock().await;
+                let mut def = st.def.clone();
+                def.emulator = d.record.emulator.clone();
+                if agent.store.save(&def).is_ok() {
+                    st.def = def;
+                }
+            }
+            Some(d)
+        }
+        Decision::Lost(reason) => {
+            for i in [src, dst].into_iter().flatten() {
+                kill(i, "migration recovery: guest lost").await;
+            }
+            agent.remove_status(&dom.name);
+            dom.state.lock().await.run = Run::ShutOff { reason };
+            None
+        }
+    };
+    let _ = JobFile::remove(&path);
+    let inst = result?;
+    if let Err(e) = agent.write_status(&dom.name, &inst.record) {
+        tracing::error!(error = %error_chain(&e), "writing status after recovery");
+    }
+    attach_console(dom, &inst).await;
+    dom.state.lock().await.run = Run::Running(inst.clone());
+    agent.watch(dom, &inst);
+    tracing::warn!(domain = %dom.name, domid = inst.domid(), "migration recovered");
+    Some(inst.domid())
+}
+
+async fn unreachable_lost(dom: &Arc<Domain>, agent: &Arc<Agent>) {
+    agent.remove_status(&dom.name);
+    dom.state.lock().await.run = Run::ShutOff {
+        reason: "migration recovery found no instance to keep".into(),
+    };
+}
+
+/// After migrate_cancel: wait (bounded) until the source leaves the
+/// migration states, so that `cont` is accepted.
+async fn wait_migration_settled(src: &Instance) {
+    for _ in 0..100 {
+        let st = src.qmp.execute_raw("query-migrate", None).await.ok();
+        let s = st
+            .as_ref()
+            .and_then(|v| v["status"].as_str())
+            .unwrap_or("none");
+        if !matches!(
+            s,
+            "setup" | "active" | "cancelling" | "pre-switchover" | "device"
+        ) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Kill the QEMU whose pidfile is in `dir`, if the process there really is
+/// that instance (its command line names the directory's QMP socket).
+pub(super) async fn kill_unrecorded(name: &str, dir: &std::path::Path) {
+    let Ok(pid) = instance::read_pidfile(&dir.join("pid")) else {
+        return;
+    };
+    // pidfd first: the process checked below is the process killed.
+    let Ok(pfd) = Pidfd::open(pid) else { return };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let needle = dir.join("qmp.sock");
+    if !String::from_utf8_lossy(&cmdline).contains(&*needle.to_string_lossy()) {
+        return;
+    }
+    tracing::warn!(domain = name, dir = %dir.display(), pid, "killing QEMU of this domain");
+    let _ = pfd.kill_and_wait(Duration::from_secs(10)).await;
+}
+
+impl Agent {
+    /// `destroy` of an unreachable domain: kill its recorded process (if it
+    /// is still that process), else any QEMU found in its instance dirs.
+    pub(super) async fn kill_unreachable(&self, name: &str, record: Option<Box<InstanceRecord>>) {
+        if let Some(r) = &record {
+            if let Ok(pfd) = Pidfd::adopt(&r.process) {
+                let _ = pfd.kill_and_wait(Duration::from_secs(10)).await;
+            }
+        }
+        let dir = domain_run_dir(&self.cfg.run_dir, name);
+        for ent in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if ent
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u64>().is_ok())
+            {
+                kill_unrecorded(name, &ent.path()).await;
+                let _ = crate::fsutil::remove_dir_all_if_exists(&ent.path());
+            }
+        }
     }
 }

@@ -15,7 +15,14 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         crate::fsutil::create_dir(dir, 0o755)?;
     }
-    // We hold the agent lock, so a socket file left here is stale.
+    // A socket file left here is stale unless something answers on it
+    // (another agent with another run dir but this socket path).
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        anyhow::bail!(
+            "another process is serving {}; refusing to take it over",
+            path.display()
+        );
+    }
     crate::fsutil::remove_file_if_exists(path)?;
     let l = UnixListener::bind(path)
         .map_err(|e| anyhow::anyhow!("binding API socket {}: {e}", path.display()))?;
@@ -130,6 +137,7 @@ async fn stream_console(
     use tokio::sync::broadcast::error::RecvError;
     loop {
         match rx.recv().await {
+            Ok(b) if b.is_empty() => return Ok(()),
             Ok(b) => w.write_all(&b).await?,
             Err(RecvError::Lagged(n)) => {
                 tracing::debug!(missed = n, "console client too slow; skipped chunks");

@@ -41,6 +41,19 @@ pub enum Request {
     Info { name: String },
     /// Stream the live console (output only).
     Console { name: String },
+    /// Live-migrate the running domain to a new QEMU process on this host,
+    /// on `emulator` (default: the domain's own). Answers when done.
+    Migrate {
+        name: String,
+        #[serde(default)]
+        emulator: Option<std::path::PathBuf>,
+        #[serde(default)]
+        timeout_s: Option<u64>,
+    },
+    /// The domain's current job (null when none); read-only.
+    Job { name: String },
+    /// Cancel the domain's migration; allowed until switchover.
+    Abort { name: String },
 }
 
 impl Request {
@@ -55,6 +68,9 @@ impl Request {
             Request::List {} => "list",
             Request::Info { .. } => "info",
             Request::Console { .. } => "console",
+            Request::Migrate { .. } => "migrate",
+            Request::Job { .. } => "job",
+            Request::Abort { .. } => "abort",
         }
     }
 }
@@ -72,6 +88,7 @@ pub enum ErrorKind {
     Busy,
     PermissionDenied,
     Emulator,
+    MigrationFailed,
     Internal,
 }
 

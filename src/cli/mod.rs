@@ -34,6 +34,9 @@ pub enum Command {
         state_dir: PathBuf,
         #[arg(long, env = "QLIVE_RUN_DIR", default_value = agent::DEFAULT_RUN_DIR)]
         run_dir: PathBuf,
+        /// Required-feature hooks run on the migration destination.
+        #[arg(long, env = "QLIVE_HOOKS_DIR", default_value = agent::DEFAULT_HOOKS_DIR)]
+        hooks_dir: PathBuf,
     },
     /// Store a domain definition from a JSON file (`-` for stdin).
     Define { file: PathBuf },
@@ -62,6 +65,26 @@ pub enum Command {
     },
     /// Stream a domain's live console to stdout (Ctrl-C to leave).
     Console { name: String },
+    /// Live-migrate a running domain to a new QEMU process on this host.
+    Migrate {
+        name: String,
+        /// Target QEMU binary (default: the domain's emulator).
+        #[arg(long)]
+        emulator: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        /// Cancel the migration if it has not completed after S seconds.
+        #[arg(long, default_value_t = crate::agent::migrate_default_timeout())]
+        timeout: u64,
+    },
+    /// Show a domain's current job (phase, elapsed, bytes, target).
+    Job {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a domain's migration (until switchover).
+    Abort { name: String },
 }
 
 /// Exit code of a failed client call.
@@ -74,11 +97,16 @@ fn exit_code(e: &ClientError) -> i32 {
 
 pub async fn run(cli: Cli) -> i32 {
     match cli.command {
-        Command::Agent { state_dir, run_dir } => {
+        Command::Agent {
+            state_dir,
+            run_dir,
+            hooks_dir,
+        } => {
             let cfg = Config {
                 state_dir,
                 run_dir,
                 socket: cli.socket,
+                hooks_dir,
             };
             match agent::run(cfg).await {
                 Ok(()) => 0,
@@ -110,6 +138,28 @@ pub async fn run(cli: Cli) -> i32 {
                     output::stopped,
                 ),
                 Command::Destroy { name } => (Request::Destroy { name }, output::done("destroyed")),
+                Command::Migrate {
+                    name,
+                    emulator,
+                    json,
+                    timeout,
+                } => (
+                    Request::Migrate {
+                        name,
+                        emulator,
+                        timeout_s: Some(timeout),
+                    },
+                    if json {
+                        output::json_line
+                    } else {
+                        output::migrated
+                    },
+                ),
+                Command::Job { name, json } => (
+                    Request::Job { name },
+                    if json { output::json } else { output::job },
+                ),
+                Command::Abort { name } => (Request::Abort { name }, output::aborted),
                 Command::List { json } => (
                     Request::List {},
                     if json { output::json } else { output::list },

@@ -84,3 +84,50 @@ pub fn info(v: &Value) {
         }
     }
 }
+
+pub fn json_line(v: &Value) {
+    println!("{v}");
+}
+
+pub fn migrated(v: &Value) {
+    println!(
+        "migrated {}: domid {} (pid {}, QEMU {}) -> domid {} (pid {}, QEMU {})",
+        s(&v["name"]),
+        s(&v["from"]["domid"]),
+        s(&v["from"]["pid"]),
+        s(&v["from"]["qemu_version"]),
+        s(&v["to"]["domid"]),
+        s(&v["to"]["pid"]),
+        s(&v["to"]["qemu_version"]),
+    );
+    println!(
+        "  QEMU downtime {} ms, {} bytes sent, total {} ms",
+        s(&v["qemu_downtime_ms"]),
+        s(&v["bytes_sent"]),
+        s(&v["total_ms"])
+    );
+}
+
+pub fn job(v: &Value) {
+    if v.is_null() {
+        println!("no job");
+        return;
+    }
+    println!(
+        "{} phase {} elapsed {} ms bytes {} target domid {} pid {}",
+        s(&v["kind"]),
+        s(&v["phase"]),
+        s(&v["elapsed_ms"]),
+        s(&v["bytes"]),
+        s(&v["target"]["domid"]),
+        s(&v["target"]["pid"])
+    );
+}
+
+pub fn aborted(v: &Value) {
+    println!(
+        "aborting the migration of {} (phase {})",
+        s(&v["name"]),
+        s(&v["phase"])
+    );
+}

@@ -47,6 +47,14 @@ pub const RESERVED_QEMU_OPTIONS: &[&str] = &[
     "-nodefaults",
     "-mem-path",
     "-mem-prealloc",
+    "-no-shutdown",
+    "-readconfig",
+    "-writeconfig",
+    "-set",
+    "-smp",
+    "-cpu",
+    "-add-fd",
+    "-loadvm",
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -186,9 +186,13 @@ impl Store {
             }
             out.push(Self::load_path(&p));
         }
-        out.sort_by(|a, b| match (a, b) {
-            (Ok(a), Ok(b)) => a.name.cmp(&b.name),
-            _ => std::cmp::Ordering::Equal,
+        // Loaded ones by name, then the errors.
+        out.sort_by(|a, b| {
+            let key = |r: &Result<Definition, StoreError>| match r {
+                Ok(d) => (0, d.name.clone()),
+                Err(_) => (1, String::new()),
+            };
+            key(a).cmp(&key(b))
         });
         Ok(out)
     }

@@ -22,6 +22,20 @@ pub fn qlive_bin() -> PathBuf {
 }
 
 /// The test guest built by `tests/guest/build.sh` (`make guest`).
+/// The newer QEMU (10.0 from bookworm-backports) unpacked by
+/// `tests/rig/fetch-new-qemu.sh` (`make qemu-new`).
+pub fn new_qemu() -> PathBuf {
+    let p = std::env::var_os("QLIVE_NEW_QEMU")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/qemu-new/bin/qemu-system-x86_64"));
+    assert!(
+        p.is_file(),
+        "newer QEMU missing at {}: run `make qemu-new`",
+        p.display()
+    );
+    p
+}
+
 pub struct GuestImage {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
@@ -46,6 +60,7 @@ pub struct Rig {
     pub state: PathBuf,
     pub run: PathBuf,
     pub socket: PathBuf,
+    pub hooks: PathBuf,
     agent: Option<Child>,
 }
 
@@ -60,15 +75,26 @@ impl Rig {
         let state = dir.path().join("state");
         let run = dir.path().join("run");
         let socket = run.join("qlive.sock");
+        let hooks = dir.path().join("hooks");
+        std::fs::create_dir_all(&hooks).expect("hooks dir");
         let mut rig = Rig {
             dir,
             state,
             run,
             socket,
+            hooks,
             agent: None,
         };
         rig.start_agent();
         rig
+    }
+
+    /// Add an executable hook script.
+    pub fn add_hook(&self, name: &str, body: &str) {
+        let p = self.hooks.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).expect("hook");
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
     }
 
     pub fn agent_log(&self) -> PathBuf {
@@ -76,6 +102,11 @@ impl Rig {
     }
 
     pub fn start_agent(&mut self) {
+        self.start_agent_with(&[]);
+    }
+
+    /// Start the agent with extra environment (test-only knobs).
+    pub fn start_agent_with(&mut self, env: &[(&str, &str)]) {
         assert!(self.agent.is_none(), "agent already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -84,6 +115,8 @@ impl Rig {
             .expect("agent log");
         let child = Command::new(qlive_bin())
             .arg("agent")
+            .envs(env.iter().copied())
+            .env("QLIVE_HOOKS_DIR", &self.hooks)
             .env("QLIVE_STATE_DIR", &self.state)
             .env("QLIVE_RUN_DIR", &self.run)
             .env("QLIVE_SOCKET", &self.socket)
@@ -126,6 +159,40 @@ impl Rig {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// `qlive migrate NAME --json [args]` in a background thread.
+    pub fn migrate_bg(&self, name: &str, args: &[&str]) -> std::thread::JoinHandle<Output> {
+        let mut cmd = Command::new(qlive_bin());
+        cmd.args(["migrate", name, "--json"])
+            .args(args)
+            .env("QLIVE_SOCKET", &self.socket);
+        std::thread::spawn(move || cmd.output().expect("run qlive migrate"))
+    }
+
+    /// Wait until the domain's job reports `phase` (polling `qlive job`).
+    pub fn wait_job_phase(&self, name: &str, phase: &str, timeout: Duration) -> Value {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(j) = self.try_call(&json!({"op": "job", "name": name})) {
+                if j["phase"] == phase {
+                    return j;
+                }
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "job of {name} never reached {phase}: {}",
+                tail(&self.agent_log_text(), 20)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Migrate (foreground) and return the parsed --json result.
+    pub fn migrate(&self, name: &str, args: &[&str]) -> Value {
+        let mut a = vec!["migrate", name, "--json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&a)).expect("migrate json")
     }
 
     pub fn restart_agent(&mut self) {

@@ -1,0 +1,683 @@
+//! The migration driver: the five phases of `migration`, run by the agent
+//! on both sides, with the job lock, the remote (shadow) table and the swap.
+//!
+//! The migration runs in a task of its own, so a client that disconnects
+//! mid-way cannot cancel it between two phases; `abort` is the way to stop
+//! one, and only until switchover.
+
+use super::{error_chain, Agent, AgentError, Domain, Run};
+use crate::console::ConsoleReader;
+use crate::domain::Definition;
+use crate::instance::cmdline::StartMode;
+use crate::instance::paths::{domain_run_dir, InstancePaths};
+use crate::instance::{self, Instance, SpawnSpec};
+use crate::migration::hooks::{self, HookEnv};
+use crate::migration::job::{Job, TargetInfo};
+use crate::migration::params::{self, Side};
+use crate::migration::phase::{job_path, JobFile, Outcome, Phase, PhaseName};
+use crate::migration::MigrationError;
+use crate::qmp::{QmpError, QmpEvent};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast;
+
+pub const DEFAULT_TIMEOUT_S: u64 = 300;
+/// Test-only: `<phase>:before|after` makes the migration task stop there
+/// (after writing a marker file) so a test can SIGKILL the agent.
+pub const TEST_PAUSE_ENV: &str = "QLIVE_TEST_PAUSE_AT";
+const KILL_GRACE: Duration = Duration::from_secs(5);
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn qmp_err(what: &str) -> impl FnOnce(QmpError) -> MigrationError + '_ {
+    move |source| MigrationError::Qmp {
+        what: what.to_string(),
+        source,
+    }
+}
+
+/// Per-phase wall time.
+#[derive(Default)]
+struct Times {
+    ms: Vec<(PhaseName, f64)>,
+}
+
+impl Times {
+    fn record(&mut self, p: PhaseName, since: Instant) {
+        self.ms.push((p, since.elapsed().as_secs_f64() * 1e3));
+    }
+    fn json(&self) -> Value {
+        let mut m = serde_json::Map::new();
+        for p in PhaseName::ALL {
+            let v = self
+                .ms
+                .iter()
+                .find(|(q, _)| *q == p)
+                .map(|(_, ms)| (ms * 1000.0).round() / 1000.0);
+            m.insert(p.as_str().into(), json!(v));
+        }
+        Value::Object(m)
+    }
+}
+
+/// One migration in flight: what each phase consumes and produces.
+struct Mig {
+    agent: Arc<Agent>,
+    dom: Arc<Domain>,
+    job: Arc<Job>,
+    def: Definition,
+    src: Arc<Instance>,
+    target: PathBuf,
+    file: JobFile,
+    path: PathBuf,
+    times: Times,
+    dst: Option<Arc<Instance>>,
+    dst_paths: Option<InstancePaths>,
+    dst_console: Option<ConsoleReader>,
+    hooks_ran: bool,
+}
+
+impl Mig {
+    /// Persist the next phase (atomic, fsync) before acting on it.
+    fn persist(&mut self, phase: Phase) -> Result<(), MigrationError> {
+        self.file.phase = phase;
+        self.file
+            .save(&self.path)
+            .map_err(|source| MigrationError::Persist {
+                path: self.path.clone(),
+                source,
+            })?;
+        self.job.set_phase(self.file.phase.name());
+        Ok(())
+    }
+
+    /// Test-only stop point; see [`TEST_PAUSE_ENV`].
+    async fn test_pause(&self, when: &str) {
+        let Ok(want) = std::env::var(TEST_PAUSE_ENV) else {
+            return;
+        };
+        let here = format!("{}:{when}", self.file.phase.name());
+        if want == here {
+            let marker =
+                domain_run_dir(&self.agent.cfg.run_dir, &self.dom.name).join("test-paused");
+            tracing::warn!(at = %here, "test pause: migration task stops here");
+            let _ = std::fs::write(&marker, &here);
+            std::future::pending::<()>().await;
+        }
+    }
+
+    fn hook_env(&self) -> HookEnv {
+        HookEnv {
+            domain: self.dom.name.clone(),
+            src_domid: self.src.domid(),
+            dst_domid: self
+                .dst_paths
+                .as_ref()
+                .map(|_| self.file_dst_domid())
+                .unwrap_or(0),
+            dst_pid: self.dst.as_ref().map(|d| d.pid()),
+            emulator: self.target.clone(),
+        }
+    }
+
+    fn file_dst_domid(&self) -> u64 {
+        match &self.file.phase {
+            Phase::Prepare { dst_domid, .. } => *dst_domid,
+            Phase::Perform { dst, .. } | Phase::Finish { dst, .. } => dst.domid,
+            Phase::Confirm { dst: Some(d), .. } => d.domid,
+            _ => self.dst.as_ref().map(|d| d.domid()).unwrap_or(0),
+        }
+    }
+
+    /// Prepare: preflight the target, spawn the destination paused with
+    /// `-incoming defer` on the same memfd, capabilities, hooks,
+    /// `migrate-incoming`, remote table.
+    async fn prepare(&mut self) -> Result<broadcast::Receiver<QmpEvent>, MigrationError> {
+        let info =
+            self.agent
+                .probes
+                .get(&self.target)
+                .await
+                .map_err(|e| MigrationError::Preflight {
+                    emulator: self.target.clone(),
+                    reason: error_chain(&e),
+                })?;
+        let target = self.target.clone();
+        let preflight = move |reason: String| MigrationError::Preflight {
+            emulator: target.clone(),
+            reason,
+        };
+        if !info.machines.iter().any(|m| m.name == self.def.machine) {
+            return Err(preflight(format!(
+                "QEMU {} does not provide the domain's pinned machine type {}",
+                info.version, self.def.machine
+            )));
+        }
+        for cap in params::required_capabilities() {
+            if !info.has_migration_capability(cap) {
+                return Err(preflight(format!(
+                    "QEMU {} lacks migration capability {cap}",
+                    info.version
+                )));
+            }
+        }
+        let domid = self
+            .agent
+            .domids
+            .allocate()
+            .map_err(|e| preflight(error_chain(&e)))?;
+        let paths = InstancePaths::new(&self.agent.cfg.run_dir, &self.dom.name, domid);
+        self.dst_paths = Some(paths.clone());
+        let next = self.file.phase.clone().prepare(domid, paths.clone());
+        self.persist(next)?;
+        self.test_pause("before").await;
+
+        let mut dst_def = self.def.clone();
+        dst_def.emulator = self.target.clone();
+        let console_log = self.agent.console_log(&self.dom.name);
+        let dst = instance::spawn(SpawnSpec {
+            def: &dst_def,
+            domid,
+            machine: &self.def.machine,
+            accel: self.src.record.accel,
+            paths,
+            console_log: &console_log,
+            mode: StartMode::Incoming,
+            ram: self.src.ram.clone(),
+        })
+        .await
+        .map_err(MigrationError::SpawnDestination)?;
+        let dst = Arc::new(dst);
+        self.dst = Some(dst.clone());
+        self.job.set_target(TargetInfo {
+            domid,
+            pid: Some(dst.pid()),
+            emulator: self.target.clone(),
+        });
+        if let Err(e) = self
+            .agent
+            .table()
+            .insert_remote(&self.dom.name, dst.clone())
+        {
+            return Err(preflight(e.to_string()));
+        }
+        // Console: connected now (a socket chardev drops output while no
+        // client is connected); forwarded once the source's reader is done.
+        let reader = self
+            .dom
+            .console
+            .attach(&dst.record.paths.console, self.dom.console_reader())
+            .await
+            .map_err(|e| {
+                MigrationError::SpawnDestination(instance::InstanceError::Launch {
+                    emulator: self.target.clone(),
+                    source: e,
+                })
+            })?;
+        self.dst_console = Some(reader);
+
+        params::apply(&self.src.qmp, Side::Source)
+            .await
+            .map_err(qmp_err("setting migration capabilities on the source"))?;
+        params::apply(&dst.qmp, Side::Destination)
+            .await
+            .map_err(qmp_err("setting migration capabilities on the destination"))?;
+        params::apply_test_parameters(&self.src.qmp)
+            .await
+            .map_err(qmp_err("setting test parameters"))?;
+
+        self.hooks_ran = true;
+        hooks::prepare(&self.agent.cfg.hooks_dir, &self.hook_env()).await?;
+
+        let events = dst.qmp.subscribe();
+        let uri = format!("unix:{}", dst.record.paths.migrate.display());
+        dst.qmp
+            .execute(qapi::qmp::migrate_incoming {
+                uri: Some(uri),
+                channels: None,
+                exit_on_error: None,
+            })
+            .await
+            .map_err(qmp_err("migrate-incoming on the destination"))?;
+        Ok(events)
+    }
+
+    /// Perform: `migrate` on the source, then wait for its MIGRATION event.
+    /// Returns the instant the completion event arrived.
+    async fn perform(&mut self, timeout: Duration) -> Result<Instant, MigrationError> {
+        let dst = self
+            .dst
+            .clone()
+            .ok_or_else(|| MigrationError::Unsafe("no destination".into()))?;
+        let next = self.file.phase.clone().perform(dst.record.clone());
+        self.persist(next)?;
+        self.test_pause("before").await;
+
+        let mut events = self.src.qmp.subscribe();
+        let uri = format!("unix:{}", dst.record.paths.migrate.display());
+        self.src
+            .qmp
+            .execute(qapi::qmp::migrate {
+                uri: Some(uri),
+                channels: None,
+                detach: None,
+                resume: None,
+            })
+            .await
+            .map_err(qmp_err("migrate on the source"))?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Ok(ev) if ev.name == "MIGRATION" => {
+                        let status = ev.data["status"].as_str().unwrap_or("").to_string();
+                        tracing::debug!(domain = %self.dom.name, %status, "source MIGRATION event");
+                        match status.as_str() {
+                            "completed" => return Ok(Instant::now()),
+                            "failed" | "cancelled" => {
+                                let detail = self.src.qmp.execute_raw("query-migrate", None).await
+                                    .ok()
+                                    .and_then(|v| v["error-desc"].as_str().map(String::from))
+                                    .unwrap_or_else(|| "QEMU gave no reason".into());
+                                return Err(MigrationError::Failed { status, detail });
+                            }
+                            _ => {}
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return Err(MigrationError::Failed {
+                            status: "failed".into(),
+                            detail: "lost the source's QMP connection".into(),
+                        });
+                    }
+                },
+                _ = self.job.cancel.cancelled() => {
+                    self.cancel_outgoing().await;
+                    return Err(MigrationError::Aborted);
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    self.cancel_outgoing().await;
+                    return Err(MigrationError::Timeout { secs: timeout.as_secs() });
+                }
+            }
+        }
+    }
+
+    /// `migrate_cancel` and wait (bounded) for the source to leave the
+    /// migration: it then runs again if it ran before.
+    async fn cancel_outgoing(&self) {
+        let mut events = self.src.qmp.subscribe();
+        if let Err(e) = self.src.qmp.execute(qapi::qmp::migrate_cancel {}).await {
+            tracing::warn!(error = %e, "migrate_cancel");
+        }
+        let wait = async {
+            while let Ok(ev) = events.recv().await {
+                if ev.name == "MIGRATION"
+                    && matches!(
+                        ev.data["status"].as_str(),
+                        Some("cancelled" | "failed" | "completed")
+                    )
+                {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), wait).await;
+    }
+
+    /// Finish: the incoming side completed; prove the source stopped; cont.
+    async fn finish(
+        &mut self,
+        mut dst_events: broadcast::Receiver<QmpEvent>,
+        completed_at: Instant,
+    ) -> Result<Duration, MigrationError> {
+        let dst = self
+            .dst
+            .clone()
+            .ok_or_else(|| MigrationError::Unsafe("no destination".into()))?;
+        let next = self.file.phase.clone().finish();
+        self.persist(next)?;
+        self.test_pause("before").await;
+        // The destination's own MIGRATION completed (usually already queued).
+        let incoming = async {
+            loop {
+                match dst_events.recv().await {
+                    Ok(ev) if ev.name == "MIGRATION" => match ev.data["status"].as_str() {
+                        Some("completed") => return Ok(()),
+                        Some(s @ ("failed" | "cancelled")) => {
+                            return Err(MigrationError::Failed {
+                                status: s.to_string(),
+                                detail: "the destination could not load the incoming state".into(),
+                            })
+                        }
+                        _ => {}
+                    },
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return Err(MigrationError::Failed {
+                            status: "failed".into(),
+                            detail: "the destination QEMU went away".into(),
+                        })
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), incoming)
+            .await
+            .map_err(|_| MigrationError::Failed {
+                status: "failed".into(),
+                detail: "the destination did not report completion within 30 s".into(),
+            })??;
+        // Safety invariant: never two instances running vCPUs.
+        let (src_running, src_status) = self
+            .src
+            .qmp
+            .status()
+            .await
+            .map_err(qmp_err("checking the source stopped"))?;
+        if src_running {
+            return Err(MigrationError::Unsafe(format!(
+                "the source still runs vCPUs (status {src_status})"
+            )));
+        }
+        dst.qmp
+            .cont()
+            .await
+            .map_err(qmp_err("resuming the destination (cont)"))?;
+        let overhead = completed_at.elapsed();
+        self.test_pause("after").await;
+        Ok(overhead)
+    }
+}
+
+impl Agent {
+    pub(super) async fn migrate(
+        self: &Arc<Self>,
+        name: &str,
+        emulator: Option<PathBuf>,
+        timeout: Duration,
+    ) -> Result<Value, AgentError> {
+        let t0 = Instant::now();
+        let dom = self.lookup(name)?;
+        // Begin: take the job under the domain lock.
+        let (job, src, def) = {
+            let mut st = dom.state.lock().await;
+            if st.removed {
+                return Err(crate::domain::TableError::NotFound(name.into()).into());
+            }
+            st.check_no_job(&dom.name)?;
+            let src = match &st.run {
+                Run::Running(i) => i.clone(),
+                Run::ShutOff { .. } | Run::Unreachable { .. } => {
+                    return Err(AgentError::InvalidState(format!(
+                        "domain {} is not running",
+                        dom.name
+                    )))
+                }
+            };
+            if let Some(why) = src.exit_intent() {
+                return Err(AgentError::Busy(format!(
+                    "domain {} is being ended ({why})",
+                    dom.name
+                )));
+            }
+            let job = Arc::new(Job::migration_out(now_unix()));
+            st.job = Some(job.clone());
+            (job, src, st.def.clone())
+        };
+        let agent = self.clone();
+        let task_dom = dom.clone();
+        let task_job = job.clone();
+        let target = emulator.unwrap_or_else(|| def.emulator.clone());
+        let handle = tokio::spawn(async move {
+            agent
+                .run_migration(task_dom, task_job, src, def, target, timeout, t0)
+                .await
+        });
+        let res = handle.await.map_err(|e| AgentError::Io {
+            what: "migration task".into(),
+            source: std::io::Error::other(e.to_string()),
+        });
+        // Whatever happened, the job is over (a test pause never gets here).
+        dom.state.lock().await.job = None;
+        res?
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_migration(
+        self: Arc<Self>,
+        dom: Arc<Domain>,
+        job: Arc<Job>,
+        src: Arc<Instance>,
+        def: Definition,
+        target: PathBuf,
+        timeout: Duration,
+        t0: Instant,
+    ) -> Result<Value, AgentError> {
+        let path = job_path(&domain_run_dir(&self.cfg.run_dir, &dom.name));
+        let src_was_running = src.qmp.status().await.map(|s| s.0).unwrap_or(true);
+        let mut m = Mig {
+            agent: self.clone(),
+            dom: dom.clone(),
+            job: job.clone(),
+            def,
+            src: src.clone(),
+            target: target.clone(),
+            file: JobFile {
+                format: crate::migration::phase::FORMAT.into(),
+                version: crate::migration::phase::VERSION,
+                domain: dom.name.clone(),
+                target_emulator: target,
+                src_was_running,
+                started_at: job.started_at,
+                phase: Phase::Begin {
+                    src: src.record.clone(),
+                },
+            },
+            path,
+            times: Times::default(),
+            dst: None,
+            dst_paths: None,
+            dst_console: None,
+            hooks_ran: false,
+        };
+        let mig_err = |source| AgentError::Migration {
+            name: dom.name.clone(),
+            source,
+        };
+        // Begin
+        let phase = Phase::Begin {
+            src: src.record.clone(),
+        };
+        if let Err(e) = m.persist(phase) {
+            return Err(mig_err(e));
+        }
+        m.test_pause("before").await;
+        m.times.record(PhaseName::Begin, t0);
+        m.test_pause("after").await;
+
+        let result: Result<(Duration, Value), MigrationError> = async {
+            let t = Instant::now();
+            let dst_events = m.prepare().await?;
+            m.times.record(PhaseName::Prepare, t);
+            m.test_pause("after").await;
+
+            let t = Instant::now();
+            let completed_at = m.perform(timeout).await?;
+            job.mark_switchover();
+            let stats = src
+                .qmp
+                .execute_raw("query-migrate", None)
+                .await
+                .unwrap_or(Value::Null);
+            job.set_bytes(stats["ram"]["transferred"].as_u64().unwrap_or(0));
+            m.times.record(PhaseName::Perform, t);
+            m.test_pause("after").await;
+
+            let t = Instant::now();
+            let overhead = m.finish(dst_events, completed_at).await?;
+            m.times.record(PhaseName::Finish, t);
+            Ok((overhead, stats))
+        }
+        .await;
+
+        let (overhead, stats) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(domain = %dom.name, error = %error_chain(&e), "migration failed; keeping the source");
+                self.migration_failed(&mut m, src_was_running).await;
+                return Err(mig_err(e));
+            }
+        };
+
+        // Confirm (success): swap, then quit the source.
+        let t = Instant::now();
+        let next = m.file.phase.clone().confirm(Outcome::Success);
+        if let Err(e) = m.persist(next) {
+            // The destination runs the guest already; carry on regardless.
+            tracing::error!(error = %error_chain(&e), "persisting Confirm");
+        }
+        m.test_pause("before").await;
+        let dst = m.dst.clone().expect("destination exists after Finish");
+        self.switch_to(&dom, &src, &dst, m.dst_console.take()).await;
+        m.times.record(PhaseName::Confirm, t);
+        m.test_pause("after").await;
+        if let Err(e) = JobFile::remove(&m.path) {
+            tracing::warn!(error = %e, "removing job file");
+        }
+        let total_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let side = |i: &Instance| {
+            json!({
+                "domid": i.domid(),
+                "pid": i.pid(),
+                "emulator": i.record.emulator,
+                "qemu_version": i.record.qemu_version.to_string(),
+            })
+        };
+        tracing::info!(domain = %dom.name, from = src.domid(), to = dst.domid(),
+            downtime_ms = stats["downtime"].as_u64(), total_ms, "migrated");
+        Ok(json!({
+            "result": "success",
+            "name": dom.name,
+            "from": side(&src),
+            "to": side(&dst),
+            "phases_ms": m.times.json(),
+            "qemu_downtime_ms": stats["downtime"],
+            "qemu_total_ms": stats["total-time"],
+            "bytes_sent": stats["ram"]["transferred"],
+            "completion_to_cont_us": overhead.as_micros() as u64,
+            "total_ms": (total_ms * 1000.0).round() / 1000.0,
+        }))
+    }
+
+    /// The swap: the incoming instance leaves the remote table and becomes
+    /// the domain's instance (status file rewritten), then the source quits
+    /// and its paths go.
+    pub(super) async fn switch_to(
+        self: &Arc<Self>,
+        dom: &Arc<Domain>,
+        src: &Arc<Instance>,
+        dst: &Arc<Instance>,
+        dst_console: Option<ConsoleReader>,
+    ) {
+        {
+            let mut st = dom.state.lock().await;
+            self.table().take_remote(&dom.name);
+            if let Err(e) = self.write_status(&dom.name, &dst.record) {
+                tracing::error!(error = %error_chain(&e), "writing status after swap");
+            }
+            st.run = Run::Running(dst.clone());
+            // Moved to another binary: that is where the domain lives now.
+            if st.def.emulator != dst.record.emulator {
+                let mut def = st.def.clone();
+                def.emulator = dst.record.emulator.clone();
+                match self.store.save(&def) {
+                    Ok(()) => st.def = def,
+                    Err(e) => {
+                        tracing::error!(error = %error_chain(&e), "recording the new emulator")
+                    }
+                }
+            }
+            if dst_console.is_some() {
+                dom.set_console_reader(dst_console);
+            }
+        }
+        self.watch(dom, dst);
+        src.set_exit_intent(format!("migrated to domid {}", dst.domid()));
+        if let Err(e) = src.terminate(KILL_GRACE).await {
+            tracing::error!(error = %error_chain(&e), "quitting the source after migration");
+        }
+    }
+
+    /// Failure before the destination ran: kill it, release hooks, make sure
+    /// the source runs as before. The source is untouched otherwise.
+    async fn migration_failed(self: &Arc<Self>, m: &mut Mig, src_was_running: bool) {
+        let next = m.file.phase.clone().confirm(Outcome::Failure);
+        if let Err(e) = m.persist(next) {
+            tracing::error!(error = %error_chain(&e), "persisting Confirm(failure)");
+        }
+        self.table().take_remote(&m.dom.name);
+        if let Some(dst) = m.dst.take() {
+            dst.set_exit_intent("migration failed");
+            let _ = dst.pidfd.kill_and_wait(KILL_GRACE).await;
+            instance::cleanup_paths(&dst.record.paths);
+        } else if let Some(p) = &m.dst_paths {
+            instance::cleanup_paths(p);
+        }
+        m.dst_console = None;
+        if m.hooks_ran {
+            hooks::release(&self.cfg.hooks_dir, &m.hook_env()).await;
+        }
+        // The destination is dead: resuming the source is safe.
+        if src_was_running {
+            match m.src.qmp.status().await {
+                Ok((false, status)) => {
+                    tracing::info!(domain = %m.dom.name, %status, "resuming the source");
+                    if let Err(e) = m.src.qmp.cont().await {
+                        tracing::error!(error = %e, "resuming the source after a failed migration");
+                    }
+                }
+                Ok((true, _)) => {}
+                Err(e) => tracing::error!(error = %e, "source status after failed migration"),
+            }
+        }
+        if let Err(e) = JobFile::remove(&m.path) {
+            tracing::warn!(error = %e, "removing job file");
+        }
+    }
+
+    pub(super) async fn job(self: &Arc<Self>, name: &str) -> Result<Value, AgentError> {
+        let dom = self.lookup(name)?;
+        let st = dom.state.lock().await;
+        Ok(st.job.as_ref().map(|j| j.to_json()).unwrap_or(Value::Null))
+    }
+
+    pub(super) async fn abort(self: &Arc<Self>, name: &str) -> Result<Value, AgentError> {
+        let dom = self.lookup(name)?;
+        let st = dom.state.lock().await;
+        let Some(job) = &st.job else {
+            return Err(AgentError::InvalidState(format!(
+                "domain {} has no job to abort",
+                dom.name
+            )));
+        };
+        if job.past_switchover() {
+            return Err(AgentError::InvalidState(format!(
+                "domain {}'s migration is past switchover (phase {}); it can no longer be aborted",
+                dom.name,
+                job.phase()
+            )));
+        }
+        job.cancel.cancel();
+        Ok(json!({"name": dom.name, "phase": job.phase().as_str(), "aborting": true}))
+    }
+}

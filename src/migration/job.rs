@@ -1,0 +1,97 @@
+//! The in-memory migration job: the lock that refuses other mutating calls
+//! on the domain, the phase shown by `qlive job`, the abort switch.
+
+use super::phase::PhaseName;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TargetInfo {
+    pub domid: u64,
+    pub pid: Option<i32>,
+    pub emulator: std::path::PathBuf,
+}
+
+pub struct Job {
+    pub kind: &'static str,
+    pub started: Instant,
+    pub started_at: u64,
+    phase: Mutex<PhaseName>,
+    target: Mutex<Option<TargetInfo>>,
+    pub cancel: CancellationToken,
+    /// Set once the source reported `completed`: from here on the guest
+    /// belongs to the destination and abort is refused.
+    past_switchover: AtomicBool,
+    bytes: AtomicU64,
+}
+
+impl Job {
+    pub fn migration_out(started_at: u64) -> Job {
+        Job {
+            kind: "migration-out",
+            started: Instant::now(),
+            started_at,
+            phase: Mutex::new(PhaseName::Begin),
+            target: Mutex::new(None),
+            cancel: CancellationToken::new(),
+            past_switchover: AtomicBool::new(false),
+            bytes: AtomicU64::new(0),
+        }
+    }
+
+    pub fn phase(&self) -> PhaseName {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_phase(&self, p: PhaseName) {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = p;
+    }
+
+    pub fn set_target(&self, t: TargetInfo) {
+        *self.target.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+    }
+
+    pub fn target(&self) -> Option<TargetInfo> {
+        self.target
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn mark_switchover(&self) {
+        self.past_switchover.store(true, Ordering::SeqCst);
+    }
+
+    pub fn past_switchover(&self) -> bool {
+        self.past_switchover.load(Ordering::SeqCst)
+    }
+
+    pub fn set_bytes(&self, b: u64) {
+        self.bytes.store(b, Ordering::Relaxed);
+    }
+
+    /// The error text other mutating calls get while this job runs.
+    pub fn busy_message(&self, domain: &str) -> String {
+        format!(
+            "domain {domain} has a {} job in phase {} (running for {} ms); wait for it or `qlive abort {domain}`",
+            self.kind,
+            self.phase(),
+            self.started.elapsed().as_millis()
+        )
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "kind": self.kind,
+            "phase": self.phase().as_str(),
+            "elapsed_ms": self.started.elapsed().as_millis() as u64,
+            "started_at": self.started_at,
+            "bytes": self.bytes.load(Ordering::Relaxed),
+            "past_switchover": self.past_switchover(),
+            "target": self.target(),
+        })
+    }
+}

@@ -1,0 +1,231 @@
+//! What a restarted agent does with a migration it was killed in the middle
+//! of (modelled on libvirt's qemuProcessRecoverMigration). A pure decision
+//! from the persisted phase and what is observed now; the agent executes it.
+//!
+//! | persisted phase | observed | decision |
+//! |---|---|---|
+//! | Begin | - | keep source (drop job) |
+//! | Prepare | - | keep source; kill destination, clean its paths |
+//! | Perform | source says `completed` | as Finish |
+//! | Perform | otherwise | keep source: cancel the migration, kill destination, make sure the source runs |
+//! | Finish | destination running | switch to destination (Confirm) |
+//! | Finish | destination completed but paused, source not running | `cont` destination, switch |
+//! | Finish | destination gone | keep source: `cont` source |
+//! | Confirm (success) | - | switch: kill source, swap, clean |
+//! | Confirm (failure) | - | keep source |
+//!
+//! Safety: at most one instance ever runs vCPUs. The destination is resumed
+//! only when the source is proven stopped or dead; the source only when the
+//! destination is dead (the executor kills it first).
+
+use super::phase::{Outcome, PhaseName};
+
+/// Facts gathered from the two processes at recovery time.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    pub src_alive: bool,
+    /// The source's vCPUs run (query-status).
+    pub src_running: bool,
+    /// The source's query-migrate status (`completed`, `active`, ...).
+    pub src_migration: Option<String>,
+    pub dst_alive: bool,
+    pub dst_running: bool,
+    /// The destination's query-migrate status for the incoming side.
+    pub dst_migration: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// The source stays the domain's instance. Kill the destination first;
+    /// cancel an active outgoing migration; resume the source if it ran
+    /// before the job.
+    KeepSource { cancel_migration: bool },
+    /// The destination becomes the domain's instance; kill the source.
+    /// `cont_dst`: the destination is paused and must be resumed (allowed
+    /// because the source is proven stopped or dead).
+    SwitchToDestination { cont_dst: bool },
+    /// Nothing can run the guest any more (both gone, or the destination
+    /// ran and then died): the domain is shut off, with this reason.
+    Lost(String),
+}
+
+fn migrating(s: Option<&str>) -> bool {
+    matches!(
+        s,
+        Some("setup" | "active" | "pre-switchover" | "device" | "wait-unplug" | "cancelling")
+    )
+}
+
+pub fn decide(phase: PhaseName, outcome: Option<Outcome>, o: &Observed) -> Decision {
+    match phase {
+        PhaseName::Begin | PhaseName::Prepare => keep_source(o, false),
+        PhaseName::Perform => {
+            if o.src_migration.as_deref() == Some("completed")
+                || (!o.src_alive && o.dst_migration.as_deref() == Some("completed"))
+            {
+                decide(PhaseName::Finish, None, o)
+            } else {
+                keep_source(o, migrating(o.src_migration.as_deref()))
+            }
+        }
+        PhaseName::Finish => {
+            if o.dst_alive && o.dst_running {
+                Decision::SwitchToDestination { cont_dst: false }
+            } else if o.dst_alive
+                && o.dst_migration.as_deref() == Some("completed")
+                && !o.src_running
+            {
+                Decision::SwitchToDestination { cont_dst: true }
+            } else {
+                keep_source(o, false)
+            }
+        }
+        PhaseName::Confirm => match outcome {
+            Some(Outcome::Success) => {
+                if o.dst_alive {
+                    Decision::SwitchToDestination {
+                        cont_dst: !o.dst_running && !o.src_running,
+                    }
+                } else {
+                    Decision::Lost(
+                        "the destination ran the guest and then died during Confirm".into(),
+                    )
+                }
+            }
+            _ => keep_source(o, false),
+        },
+    }
+}
+
+fn keep_source(o: &Observed, cancel_migration: bool) -> Decision {
+    if o.src_alive {
+        Decision::KeepSource { cancel_migration }
+    } else {
+        Decision::Lost(
+            "the source QEMU died during the migration and the destination had not taken over"
+                .into(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs() -> Observed {
+        Observed {
+            src_alive: true,
+            src_running: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn early_phases_keep_source() {
+        for p in [PhaseName::Begin, PhaseName::Prepare] {
+            assert_eq!(
+                decide(p, None, &obs()),
+                Decision::KeepSource {
+                    cancel_migration: false
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn perform_completed_goes_on_as_finish() {
+        let o = Observed {
+            src_running: false,
+            src_migration: Some("completed".into()),
+            dst_alive: true,
+            dst_migration: Some("completed".into()),
+            ..obs()
+        };
+        assert_eq!(
+            decide(PhaseName::Perform, None, &o),
+            Decision::SwitchToDestination { cont_dst: true }
+        );
+    }
+
+    #[test]
+    fn perform_active_is_cancelled() {
+        let o = Observed {
+            src_migration: Some("active".into()),
+            dst_alive: true,
+            dst_migration: Some("active".into()),
+            ..obs()
+        };
+        assert_eq!(
+            decide(PhaseName::Perform, None, &o),
+            Decision::KeepSource {
+                cancel_migration: true
+            }
+        );
+    }
+
+    #[test]
+    fn finish_never_resumes_dst_while_src_runs() {
+        let o = Observed {
+            src_running: true,
+            dst_alive: true,
+            dst_migration: Some("completed".into()),
+            ..obs()
+        };
+        assert_eq!(
+            decide(PhaseName::Finish, None, &o),
+            Decision::KeepSource {
+                cancel_migration: false
+            }
+        );
+    }
+
+    #[test]
+    fn finish_dst_running_confirms() {
+        let o = Observed {
+            src_running: false,
+            dst_alive: true,
+            dst_running: true,
+            ..obs()
+        };
+        assert_eq!(
+            decide(PhaseName::Finish, None, &o),
+            Decision::SwitchToDestination { cont_dst: false }
+        );
+    }
+
+    #[test]
+    fn finish_dst_gone_resumes_src() {
+        let o = Observed {
+            src_running: false,
+            src_migration: Some("completed".into()),
+            ..obs()
+        };
+        assert_eq!(
+            decide(PhaseName::Finish, None, &o),
+            Decision::KeepSource {
+                cancel_migration: false
+            }
+        );
+    }
+
+    #[test]
+    fn confirm_success_dst_dead_is_lost_not_resumed() {
+        let o = Observed {
+            src_running: false,
+            ..obs()
+        };
+        assert!(matches!(
+            decide(PhaseName::Confirm, Some(Outcome::Success), &o),
+            Decision::Lost(_)
+        ));
+    }
+
+    #[test]
+    fn both_gone_is_lost() {
+        let o = Observed::default();
+        for p in PhaseName::ALL {
+            let d = decide(p, Some(Outcome::Failure), &o);
+            assert!(matches!(d, Decision::Lost(_)), "{p}: {d:?}");
+        }
+    }
+}
