@@ -12,7 +12,7 @@ deps:
 	scripts/deps.sh
 
 build: deps
-	$(CARGO) build --release --locked
+	$(CARGO) build --release --locked --bin qlive --example hbgap
 
 # The test guest: Debian kernel + static C /init (tests/guest/).
 guest: deps

@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # The demo: a private qlive agent boots the demo guest (1 GiB, the project's
-# test guest with its millisecond heartbeat) and shows it running.
-# Run through `make demo`, which builds qlive and the guest first.
+# test guest with its millisecond heartbeat) on Debian's QEMU 7.2, then
+# live-upgrades it to QEMU 10.0 and prints the pause the guest showed.
+# Run through `make demo`, which builds qlive, the guest and fetches the
+# newer QEMU first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 QLIVE=${QLIVE:-target/release/qlive}
+HBGAP=${HBGAP:-target/release/examples/hbgap}
+NEW_QEMU=${NEW_QEMU:-$PWD/target/qemu-new/bin/qemu-system-x86_64}
 GUEST=${GUEST_DIR:-target/guest}
 base=$(mktemp -d /tmp/qlive-demo.XXXXXX)
 export QLIVE_STATE_DIR=$base/state QLIVE_RUN_DIR=$base/run QLIVE_SOCKET=$base/run/qlive.sock
+export QLIVE_HOOKS_DIR=$base/hooks
 agent_pid=""
 
 cleanup() {
@@ -47,9 +52,17 @@ done
 t1=$(date +%s%N)
 echo "first heartbeat $(( (t1 - t0) / 1000000 )) ms after 'qlive start'"
 sleep 2
-echo "== qlive info demo"
-"$QLIVE" info demo
+"$QLIVE" info demo | sed -n '1,9p'
+
+echo
+echo "== live upgrade: $("$QLIVE" info demo --json | grep -o '"qemu_version": *"[^"]*"') -> $("$NEW_QEMU" -version | head -1)"
+"$HBGAP" "$log" -- "$QLIVE" migrate demo --emulator "$NEW_QEMU"
+sleep 1
+"$QLIVE" info demo | sed -n '1,9p'
 echo "== console (last lines)"
 tail -n 3 "$log"
 if grep -q CORRUPT "$log"; then echo "guest reported CORRUPT memory" >&2; exit 1; fi
-echo "== done: demo guest ran; cleaning up"
+if awk '/^HB [0-9]+$/{ if (p && $2 != p + 1) bad = 1; p = $2 } END { exit !bad }' "$log"; then
+  echo "heartbeat sequence broken" >&2; exit 1
+fi
+echo "== done: the guest kept running across the hypervisor upgrade; cleaning up"

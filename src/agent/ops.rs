@@ -295,10 +295,12 @@ impl Agent {
             st.check_no_job(&dom.name)?;
             match &st.run {
                 Run::Running(i) => i.clone(),
-                Run::Unreachable { .. } => return Err(AgentError::InvalidState(format!(
+                Run::Unreachable { .. } => {
+                    return Err(AgentError::InvalidState(format!(
                     "domain {} cannot be asked to shut down (not reachable over QMP); use destroy",
                     dom.name
-                ))),
+                )))
+                }
                 Run::ShutOff { .. } => {
                     return Err(AgentError::InvalidState(format!(
                         "domain {} is not running",
