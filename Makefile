@@ -4,7 +4,7 @@
 CARGO ?= cargo
 GUEST_DIR := target/guest
 
-.PHONY: all build deps guest qemu-new demo test lint bench clean
+.PHONY: all build deps guest qemu-new demo test lint bench bench-core bench-migration clean
 
 all: build
 
@@ -34,8 +34,14 @@ lint:
 test: deps guest qemu-new lint
 	$(CARGO) nextest run --locked --profile ci
 
-bench: build guest
+# Benchmarks print their figures (docs/benchmarks.md); not part of `make test`.
+bench: bench-core bench-migration
+
+bench-core: build guest
 	$(CARGO) bench --locked --bench core
+
+bench-migration: build guest
+	$(CARGO) bench --locked --bench migration
 
 clean:
 	$(CARGO) clean

@@ -344,8 +344,10 @@ impl Mig {
             .dst
             .clone()
             .ok_or_else(|| MigrationError::Unsafe("no destination".into()))?;
+        let t_entry = completed_at.elapsed();
         let next = self.file.phase.clone().finish();
         self.persist(next)?;
+        let t_persisted = completed_at.elapsed();
         self.test_pause("before").await;
         // The destination's own MIGRATION completed (usually already queued).
         let incoming = async {
@@ -371,19 +373,22 @@ impl Mig {
                 }
             }
         };
-        tokio::time::timeout(Duration::from_secs(30), incoming)
-            .await
-            .map_err(|_| MigrationError::Failed {
-                status: "failed".into(),
-                detail: "the destination did not report completion within 30 s".into(),
-            })??;
-        // Safety invariant: never two instances running vCPUs.
-        let (src_running, src_status) = self
-            .src
-            .qmp
-            .status()
-            .await
-            .map_err(qmp_err("checking the source stopped"))?;
+        let incoming = async {
+            tokio::time::timeout(Duration::from_secs(30), incoming)
+                .await
+                .map_err(|_| MigrationError::Failed {
+                    status: "failed".into(),
+                    detail: "the destination did not report completion within 30 s".into(),
+                })?
+        };
+        // Safety invariant: never two instances running vCPUs. The proof that
+        // the source stopped is asked for while the destination finishes
+        // loading, so it costs no time between completion and cont.
+        let (incoming, src_status) = tokio::join!(incoming, self.src.qmp.status());
+        incoming?;
+        let t_proved = completed_at.elapsed();
+        let (src_running, src_status) =
+            src_status.map_err(qmp_err("checking the source stopped"))?;
         if src_running {
             return Err(MigrationError::Unsafe(format!(
                 "the source still runs vCPUs (status {src_status})"
@@ -394,6 +399,13 @@ impl Mig {
             .await
             .map_err(qmp_err("resuming the destination (cont)"))?;
         let overhead = completed_at.elapsed();
+        tracing::debug!(
+            entry_us = t_entry.as_micros() as u64,
+            persisted_us = t_persisted.as_micros() as u64,
+            proved_us = t_proved.as_micros() as u64,
+            cont_us = overhead.as_micros() as u64,
+            "finish timeline from the source's completion event"
+        );
         self.test_pause("after").await;
         Ok(overhead)
     }
@@ -514,18 +526,19 @@ impl Agent {
             let t = Instant::now();
             let completed_at = m.perform(timeout).await?;
             job.mark_switchover();
-            let stats = src
-                .qmp
-                .execute_raw("query-migrate", None)
-                .await
-                .unwrap_or(Value::Null);
-            job.set_bytes(stats["ram"]["transferred"].as_u64().unwrap_or(0));
             m.times.record(PhaseName::Perform, t);
             m.test_pause("after").await;
 
             let t = Instant::now();
             let overhead = m.finish(dst_events, completed_at).await?;
             m.times.record(PhaseName::Finish, t);
+            // Statistics only now: off the path between completion and cont.
+            let stats = src
+                .qmp
+                .execute_raw("query-migrate", None)
+                .await
+                .unwrap_or(Value::Null);
+            job.set_bytes(stats["ram"]["transferred"].as_u64().unwrap_or(0));
             Ok((overhead, stats))
         }
         .await;

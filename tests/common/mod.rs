@@ -68,9 +68,15 @@ impl Rig {
     /// A fresh agent on fresh temp dirs.
     pub fn new() -> Rig {
         // Short base path: unix socket paths are limited to 107 bytes.
+        Rig::new_in(Path::new("/tmp"))
+    }
+
+    /// A fresh agent on fresh temp dirs under `base` (benchmarks use a
+    /// tmpfs, as /run is in production).
+    pub fn new_in(base: &Path) -> Rig {
         let dir = tempfile::Builder::new()
             .prefix("ql")
-            .tempdir_in("/tmp")
+            .tempdir_in(base)
             .expect("tempdir");
         let state = dir.path().join("state");
         let run = dir.path().join("run");
