@@ -56,9 +56,8 @@ fn pct(v: &[f64], p: f64) -> f64 {
     s[i]
 }
 
-fn cmdline_of(mib: u64) -> String {
+fn cmdline() -> String {
     format!("console=ttyS0 quiet panic=-1 qlive.pattern_mib={PATTERN_MIB}")
-        + if mib > 0 { "" } else { "" }
 }
 
 fn wait_for(log: &Path, needle: &str, timeout: Duration) {
@@ -83,7 +82,7 @@ fn check_log(log: &Path, what: &str) {
 fn bench_qlive(mib: u64, runs: usize) -> Samples {
     let rig = Rig::new_in(Path::new("/dev/shm"));
     let name = "bench";
-    rig.define_guest(name, mib, json!({"cmdline": cmdline_of(mib)}));
+    rig.define_guest(name, mib, json!({"cmdline": cmdline()}));
     rig.ok(&["start", name]);
     let log = rig.console_log(name);
     wait_for(&log, "PATTERN READY", Duration::from_secs(120));
@@ -145,7 +144,7 @@ impl Direct {
         let def = Definition::from_value(&json!({
             "name": "bench", "emulator": SYSTEM_QEMU, "accel": "tcg", "memory_mib": mib,
             "uuid": uuid::Uuid::new_v4(), "machine": "pc-q35-7.2",
-            "kernel": g.kernel, "initrd": g.initrd, "cmdline": cmdline_of(mib),
+            "kernel": g.kernel, "initrd": g.initrd, "cmdline": cmdline(),
         }))
         .expect("definition");
         let log = dir.path().join("console.log");
@@ -444,18 +443,17 @@ async fn main() {
                 if ratio <= 1.15 { "met" } else { "NOT met" }
             );
         }
-        if let Some(q) = get(mib, "qlive") {
-            let p50 = pct(&q.cont_us, 50.0) / 1e3;
-            let p99 = pct(&q.cont_us, 99.0) / 1e3;
-            let floor = get(mib, "floor")
-                .map(|f| (pct(&f.cont_us, 50.0) / 1e3, pct(&f.cont_us, 99.0) / 1e3));
+        // From the source's completion event to cont, the destination
+        // finishes loading device state and QEMU resumes: the floor pays
+        // that too. What qlive adds is the difference.
+        if let (Some(q), Some(f)) = (get(mib, "qlive"), get(mib, "floor")) {
+            let (q50, q99) = (pct(&q.cont_us, 50.0) / 1e3, pct(&q.cont_us, 99.0) / 1e3);
+            let (f50, f99) = (pct(&f.cont_us, 50.0) / 1e3, pct(&f.cont_us, 99.0) / 1e3);
+            let (add50, add99) = (q50 - f50, q99 - f99);
             println!(
-                "  {} GiB: source completion event -> cont: qlive p50 {p50:.2} ms p99 {p99:.2} ms{} (target: qlive under 5 ms): {}",
+                "  {} GiB: completion event -> cont: qlive p50 {q50:.2} p99 {q99:.2} ms, floor p50 {f50:.2} p99 {f99:.2} ms; qlive adds p50 {add50:.2} ms, p99 {add99:.2} ms (target < 5 ms): {}",
                 mib / 1024,
-                floor
-                    .map(|(a, b)| format!(", floor p50 {a:.2} ms p99 {b:.2} ms, qlive adds p50 {:.2} ms", p50 - a))
-                    .unwrap_or_default(),
-                if p99 < 5.0 { "met" } else { "NOT met" }
+                if add50 < 5.0 && add99 < 5.0 { "met" } else { "NOT met" }
             );
         }
     }
