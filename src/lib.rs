@@ -22,3 +22,4 @@ pub mod fsutil;
 pub mod instance;
 pub mod migration;
 pub mod qmp;
+pub mod upgrade;

@@ -95,12 +95,17 @@ fn lifecycle_define_start_info_stop_destroy_undefine() {
         let n = out.read(&mut buf).unwrap();
         got.extend_from_slice(&buf[..n]);
     }
-    let _ = child.kill();
-    let _ = child.wait();
     assert!(
         String::from_utf8_lossy(&got).contains("\nHB "),
         "console streamed heartbeats"
     );
+    // the stream ends (the client exits) when the domain stops
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut rest = Vec::new();
+        let _ = out.read_to_end(&mut rest);
+        let _ = child.wait();
+    });
 
     // undefine refused while running
     let (code, err) = rig.fails(&["undefine", "life"]);
@@ -113,6 +118,14 @@ fn lifecycle_define_start_info_stop_destroy_undefine() {
     // stop: the test guest ignores ACPI, so it is forced off after the timeout
     let out = rig.ok(&["stop", "life", "--timeout", "1"]);
     assert!(out.contains("forced off"), "{out}");
+    let t0 = std::time::Instant::now();
+    while !reader.is_finished() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "console client not ended by stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let i = rig.info("life");
     assert_eq!(i["state"], "shut-off");
     assert!(

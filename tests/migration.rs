@@ -230,6 +230,15 @@ fn failed_preflight_and_failing_hook_keep_the_source() {
     );
     assert_source_kept(&rig, "keep", &before);
 
+    // a relative target path is made absolute by the client; over the raw
+    // API the agent refuses it
+    let e = rig
+        .try_call(&json!({"op": "migrate", "name": "keep", "emulator": "qemu-system-x86_64"}))
+        .unwrap_err();
+    assert_eq!(e["kind"], "bad-request", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("absolute"), "{e}");
+    assert_source_kept(&rig, "keep", &before);
+
     // a target that is not QEMU
     let fake = rig.dir.path().join("not-qemu");
     std::fs::write(&fake, "#!/bin/sh\necho 'not a hypervisor' >&2\nexit 1\n").unwrap();
@@ -262,6 +271,14 @@ fn failed_preflight_and_failing_hook_keep_the_source() {
     assert_eq!(lines.len(), 2, "{t}");
     assert!(
         lines[0].starts_with("keep prepare ") && lines[1].starts_with("keep release "),
+        "{t}"
+    );
+    // both calls name the same, real destination domid
+    let d0 = lines[0].rsplit(' ').next().unwrap();
+    let d1 = lines[1].rsplit(' ').next().unwrap();
+    assert_eq!(d0, d1, "{t}");
+    assert!(
+        d0.parse::<u64>().unwrap() > before["domid"].as_u64().unwrap(),
         "{t}"
     );
     assert_source_kept(&rig, "keep", &before);

@@ -79,6 +79,7 @@ struct Mig {
     path: PathBuf,
     times: Times,
     dst: Option<Arc<Instance>>,
+    dst_domid: Option<u64>,
     dst_paths: Option<InstancePaths>,
     dst_console: Option<ConsoleReader>,
     hooks_ran: bool,
@@ -117,22 +118,9 @@ impl Mig {
         HookEnv {
             domain: self.dom.name.clone(),
             src_domid: self.src.domid(),
-            dst_domid: self
-                .dst_paths
-                .as_ref()
-                .map(|_| self.file_dst_domid())
-                .unwrap_or(0),
+            dst_domid: self.dst_domid.unwrap_or(0),
             dst_pid: self.dst.as_ref().map(|d| d.pid()),
             emulator: self.target.clone(),
-        }
-    }
-
-    fn file_dst_domid(&self) -> u64 {
-        match &self.file.phase {
-            Phase::Prepare { dst_domid, .. } => *dst_domid,
-            Phase::Perform { dst, .. } | Phase::Finish { dst, .. } => dst.domid,
-            Phase::Confirm { dst: Some(d), .. } => d.domid,
-            _ => self.dst.as_ref().map(|d| d.domid()).unwrap_or(0),
         }
     }
 
@@ -174,6 +162,7 @@ impl Mig {
             .allocate()
             .map_err(|e| preflight(error_chain(&e)))?;
         let paths = InstancePaths::new(&self.agent.cfg.run_dir, &self.dom.name, domid);
+        self.dst_domid = Some(domid);
         self.dst_paths = Some(paths.clone());
         let next = self.file.phase.clone().prepare(domid, paths.clone());
         self.persist(next)?;
@@ -206,7 +195,7 @@ impl Mig {
             .table()
             .insert_remote(&self.dom.name, dst.clone())
         {
-            return Err(preflight(e.to_string()));
+            return Err(MigrationError::RemoteTaken(e.to_string()));
         }
         // Console: connected now (a socket chardev drops output while no
         // client is connected); forwarded once the source's reader is done.
@@ -215,12 +204,7 @@ impl Mig {
             .console
             .attach(&dst.record.paths.console, self.dom.console_reader())
             .await
-            .map_err(|e| {
-                MigrationError::SpawnDestination(instance::InstanceError::Launch {
-                    emulator: self.target.clone(),
-                    source: e,
-                })
-            })?;
+            .map_err(MigrationError::Console)?;
         self.dst_console = Some(reader);
 
         params::apply(&self.src.qmp, Side::Source)
@@ -259,6 +243,9 @@ impl Mig {
         let next = self.file.phase.clone().perform(dst.record.clone());
         self.persist(next)?;
         self.test_pause("before").await;
+        if self.job.cancel.is_cancelled() {
+            return Err(MigrationError::Aborted);
+        }
 
         let mut events = self.src.qmp.subscribe();
         let uri = format!("unix:{}", dst.record.paths.migrate.display());
@@ -274,7 +261,10 @@ impl Mig {
             .map_err(qmp_err("migrate on the source"))?;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
+            // biased: a completion that raced an abort wins (the switchover
+            // happened; abort is refused from then on).
             tokio::select! {
+                biased;
                 ev = events.recv() => match ev {
                     Ok(ev) if ev.name == "MIGRATION" => {
                         let status = ev.data["status"].as_str().unwrap_or("").to_string();
@@ -387,8 +377,12 @@ impl Mig {
         let (incoming, src_status) = tokio::join!(incoming, self.src.qmp.status());
         incoming?;
         let t_proved = completed_at.elapsed();
-        let (src_running, src_status) =
-            src_status.map_err(qmp_err("checking the source stopped"))?;
+        let (src_running, src_status) = match src_status {
+            Ok(s) => s,
+            // A source that died after completing holds no vCPUs any more.
+            Err(_) if self.src.pidfd.exited() => (false, "exited".to_string()),
+            Err(e) => return Err(qmp_err("checking the source stopped")(e)),
+        };
         if src_running {
             return Err(MigrationError::Unsafe(format!(
                 "the source still runs vCPUs (status {src_status})"
@@ -442,7 +436,14 @@ impl Agent {
                     dom.name
                 )));
             }
+            if emulator.as_ref().is_some_and(|p| !p.is_absolute()) {
+                return Err(AgentError::BadRequest(format!(
+                    "the target emulator must be an absolute path (got {:?})",
+                    emulator.as_deref().unwrap_or(std::path::Path::new(""))
+                )));
+            }
             let job = Arc::new(Job::migration_out(now_unix()));
+            job.set_source_qmp(src.qmp.clone());
             st.job = Some(job.clone());
             (job, src, st.def.clone())
         };
@@ -498,6 +499,7 @@ impl Agent {
             path,
             times: Times::default(),
             dst: None,
+            dst_domid: None,
             dst_paths: None,
             dst_console: None,
             hooks_ran: false,
@@ -638,6 +640,8 @@ impl Agent {
         if let Err(e) = m.persist(next) {
             tracing::error!(error = %error_chain(&e), "persisting Confirm(failure)");
         }
+        // The hook environment names the destination: take it first.
+        let hook_env = m.hook_env();
         self.table().take_remote(&m.dom.name);
         if let Some(dst) = m.dst.take() {
             dst.set_exit_intent("migration failed");
@@ -648,7 +652,7 @@ impl Agent {
         }
         m.dst_console = None;
         if m.hooks_ran {
-            hooks::release(&self.cfg.hooks_dir, &m.hook_env()).await;
+            hooks::release(&self.cfg.hooks_dir, &hook_env).await;
         }
         // The destination is dead: resuming the source is safe.
         if src_was_running {
@@ -670,8 +674,14 @@ impl Agent {
 
     pub(super) async fn job(self: &Arc<Self>, name: &str) -> Result<Value, AgentError> {
         let dom = self.lookup(name)?;
-        let st = dom.state.lock().await;
-        Ok(st.job.as_ref().map(|j| j.to_json()).unwrap_or(Value::Null))
+        let job = dom.state.lock().await.job.clone();
+        match job {
+            Some(j) => {
+                j.refresh_bytes().await;
+                Ok(j.to_json())
+            }
+            None => Ok(Value::Null),
+        }
     }
 
     pub(super) async fn abort(self: &Arc<Self>, name: &str) -> Result<Value, AgentError> {

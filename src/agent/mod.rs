@@ -65,6 +65,8 @@ pub enum AgentError {
     InvalidState(String),
     #[error("{0}")]
     Busy(String),
+    #[error("{0}")]
+    BadRequest(String),
     #[error("stopping domain {name}")]
     Stop {
         name: String,
@@ -103,6 +105,7 @@ impl AgentError {
             AgentError::Probe(_) | AgentError::Start { .. } => ErrorKind::Emulator,
             AgentError::InvalidState(_) => ErrorKind::InvalidState,
             AgentError::Busy(_) => ErrorKind::Busy,
+            AgentError::BadRequest(_) => ErrorKind::BadRequest,
             AgentError::Migration { .. } => ErrorKind::MigrationFailed,
             AgentError::Store(StoreError::BadName(_)) => ErrorKind::BadRequest,
             _ => ErrorKind::Internal,

@@ -294,7 +294,11 @@ impl Agent {
             let st = dom.state.lock().await;
             st.check_no_job(&dom.name)?;
             match &st.run {
-                Run::Running(i) => i.clone(),
+                Run::Running(i) => {
+                    // Under the lock: a migrate that comes next sees it.
+                    i.set_exit_intent("shut down on request");
+                    i.clone()
+                }
                 Run::Unreachable { .. } => {
                     return Err(AgentError::InvalidState(format!(
                     "domain {} cannot be asked to shut down (not reachable over QMP); use destroy",
@@ -309,14 +313,19 @@ impl Agent {
                 }
             }
         };
-        inst.set_exit_intent("shut down on request");
-        inst.qmp
+
+        let powerdown = inst
+            .qmp
             .execute(qapi::qmp::system_powerdown {})
             .await
             .map_err(|source| AgentError::Qmp {
                 what: "requesting ACPI power-down".into(),
                 source,
-            })?;
+            });
+        if let Err(e) = powerdown {
+            inst.clear_exit_intent();
+            return Err(e);
+        }
         let forced = tokio::time::timeout(timeout, inst.wait_exit())
             .await
             .is_err();
@@ -348,7 +357,10 @@ impl Agent {
             let mut st = dom.state.lock().await;
             st.check_no_job(&dom.name)?;
             match &st.run {
-                Run::Running(i) => i.clone(),
+                Run::Running(i) => {
+                    i.set_exit_intent("destroyed");
+                    i.clone()
+                }
                 Run::Unreachable { record, .. } => {
                     let record = record.clone();
                     self.kill_unreachable(&dom.name, record).await;
@@ -366,7 +378,7 @@ impl Agent {
                 }
             }
         };
-        inst.set_exit_intent("destroyed");
+
         inst.terminate(DESTROY_GRACE)
             .await
             .map_err(|source| AgentError::Stop {

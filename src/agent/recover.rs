@@ -18,7 +18,7 @@ use crate::instance::{
     self, paths::domain_run_dir, process::Pidfd, Instance, InstanceError, InstanceRecord,
 };
 use crate::migration::hooks::{self, HookEnv};
-use crate::migration::phase::{job_path, JobFile, Phase, PhaseName};
+use crate::migration::phase::{job_path, JobFile, Phase};
 use crate::migration::recovery::{self, Decision, Observed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,14 +48,19 @@ pub(super) async fn recover(agent: &Arc<Agent>) -> Result<(), AgentError> {
         }
         let job = job_path(&domain_run_dir(&agent.cfg.run_dir, &name));
         let adopted = match JobFile::load(&job) {
-            Ok(Some(j)) => match recover_migration(agent, &dom, j).await {
-                Some(d) => Adopted::Domid(d),
-                None => Adopted::Nothing,
-            },
+            Ok(Some(j)) => recover_migration(agent, &dom, j).await,
             Ok(None) => adopt_domain(agent, &dom).await,
             Err(e) => {
-                tracing::error!(domain = %name, error = %e, "migration job file unreadable; adopting from status");
-                adopt_domain(agent, &dom).await
+                // The status file names the source until the swap; after an
+                // interrupted migration it may be the wrong instance. Touch
+                // nothing.
+                let reason = format!("migration job file unreadable: {e}; instances left alone");
+                tracing::error!(domain = %name, %reason);
+                dom.state.lock().await.run = Run::Unreachable {
+                    record: None,
+                    reason,
+                };
+                Adopted::LeaveAlone
             }
         };
         if let Some(keep) = adopted.keep() {
@@ -181,14 +186,20 @@ async fn attach_console(dom: &Arc<Domain>, inst: &Instance) {
     }
 }
 
-/// Adopt an instance from a record, or None if it is gone (or not it).
-async fn try_adopt(rec: &InstanceRecord) -> Option<Arc<Instance>> {
+/// Adopt an instance from a record: `Ok(None)` if it is gone (or its pid
+/// is another process now), `Err` if it is alive but cannot be adopted.
+async fn try_adopt(rec: &InstanceRecord) -> Result<Option<Arc<Instance>>, String> {
     match instance::adopt(rec.clone()).await {
-        Ok(i) => Some(Arc::new(i)),
-        Err(e) => {
-            tracing::info!(domid = rec.domid, pid = rec.process.pid, error = %error_chain(&e), "instance not adoptable");
-            None
+        Ok(i) => Ok(Some(Arc::new(i))),
+        Err(InstanceError::Process(ProcessError::Gone { .. } | ProcessError::Reused { .. })) => {
+            Ok(None)
         }
+        Err(e) => Err(format!(
+            "QEMU (domid {}, pid {}) runs but could not be adopted: {}",
+            rec.domid,
+            rec.process.pid,
+            error_chain(&e)
+        )),
     }
 }
 
@@ -219,34 +230,60 @@ async fn observe(src: Option<&Arc<Instance>>, dst: Option<&Arc<Instance>>) -> Ob
 
 /// Finish an interrupted migration by the rules of
 /// [`crate::migration::recovery`]. Returns the domid that now runs the guest.
-async fn recover_migration(agent: &Arc<Agent>, dom: &Arc<Domain>, job: JobFile) -> Option<u64> {
+async fn recover_migration(agent: &Arc<Agent>, dom: &Arc<Domain>, job: JobFile) -> Adopted {
     let path = job_path(&domain_run_dir(&agent.cfg.run_dir, &dom.name));
     let phase = job.phase.name();
     let outcome = match &job.phase {
         Phase::Confirm { outcome, .. } => Some(*outcome),
         _ => None,
     };
-    let (src_rec, dst_rec, dst_paths) = match &job.phase {
-        Phase::Begin { src } => (src.clone(), None, None),
-        Phase::Prepare { src, dst_paths, .. } => (src.clone(), None, Some(dst_paths.clone())),
-        Phase::Perform { src, dst } | Phase::Finish { src, dst } => {
-            (src.clone(), Some(dst.clone()), Some(dst.paths.clone()))
-        }
+    let (src_rec, dst_rec, dst_paths, dst_domid) = match &job.phase {
+        Phase::Begin { src } => (src.clone(), None, None, None),
+        Phase::Prepare {
+            src,
+            dst_paths,
+            dst_domid,
+        } => (src.clone(), None, Some(dst_paths.clone()), Some(*dst_domid)),
+        Phase::Perform { src, dst } | Phase::Finish { src, dst } => (
+            src.clone(),
+            Some(dst.clone()),
+            Some(dst.paths.clone()),
+            Some(dst.domid),
+        ),
         Phase::Confirm {
             src,
             dst,
             dst_paths,
+            dst_domid,
             ..
-        } => (src.clone(), dst.clone(), dst_paths.clone()),
+        } => (src.clone(), dst.clone(), dst_paths.clone(), *dst_domid),
     };
     let _ = agent.domids.observe(src_rec.domid);
     if let Some(d) = &dst_rec {
         let _ = agent.domids.observe(d.domid);
     }
-    let src = try_adopt(&src_rec).await;
-    let dst = match &dst_rec {
-        Some(r) => try_adopt(r).await,
-        None => None,
+    let adopted = async {
+        let src = try_adopt(&src_rec).await?;
+        let dst = match &dst_rec {
+            Some(r) => try_adopt(r).await?,
+            None => None,
+        };
+        Ok::<_, String>((src, dst))
+    };
+    let (src, dst) = match adopted.await {
+        Ok(v) => v,
+        Err(why) => {
+            // Never decide on a guess: an instance that lives but cannot be
+            // talked to may be the one running the guest. Keep the job file
+            // so a later start retries.
+            let reason = format!("interrupted migration (phase {phase}) not recovered: {why}");
+            tracing::error!(domain = %dom.name, %reason);
+            dom.state.lock().await.run = Run::Unreachable {
+                record: Some(Box::new(src_rec)),
+                reason,
+            };
+            return Adopted::LeaveAlone;
+        }
     };
     let observed = observe(src.as_ref(), dst.as_ref()).await;
     let decision = recovery::decide(phase, outcome, &observed);
@@ -254,7 +291,7 @@ async fn recover_migration(agent: &Arc<Agent>, dom: &Arc<Domain>, job: JobFile) 
     let hook_env = HookEnv {
         domain: dom.name.clone(),
         src_domid: src_rec.domid,
-        dst_domid: dst_rec.as_ref().map(|d| d.domid).unwrap_or(0),
+        dst_domid: dst_domid.unwrap_or(0),
         dst_pid: dst_rec.as_ref().map(|d| d.process.pid),
         emulator: job.target_emulator.clone(),
     };
@@ -267,7 +304,7 @@ async fn recover_migration(agent: &Arc<Agent>, dom: &Arc<Domain>, job: JobFile) 
         Decision::KeepSource { cancel_migration } => {
             let Some(src) = src else {
                 unreachable_lost(dom, agent).await;
-                return None;
+                return Adopted::Nothing;
             };
             if cancel_migration {
                 let _ = src.qmp.execute(qapi::qmp::migrate_cancel {}).await;
@@ -283,7 +320,8 @@ async fn recover_migration(agent: &Arc<Agent>, dom: &Arc<Domain>, job: JobFile) 
             if cancel_migration {
                 wait_migration_settled(&src).await;
             }
-            if phase >= PhaseName::Prepare {
+            // Only if a destination existed (prepare hooks may have run).
+            if dst_paths.is_some() {
                 hooks::release(&agent.cfg.hooks_dir, &hook_env).await;
             }
             if job.src_was_running && !src.qmp.status().await.map(|x| x.0).unwrap_or(true) {
@@ -296,7 +334,7 @@ async fn recover_migration(agent: &Arc<Agent>, dom: &Arc<Domain>, job: JobFile) 
         Decision::SwitchToDestination { cont_dst } => {
             let Some(d) = dst else {
                 unreachable_lost(dom, agent).await;
-                return None;
+                return Adopted::Nothing;
             };
             // The source must be gone before the destination runs.
             if let Some(s) = src {
@@ -329,7 +367,9 @@ async fn recover_migration(agent: &Arc<Agent>, dom: &Arc<Domain>, job: JobFile) 
         }
     };
     let _ = JobFile::remove(&path);
-    let inst = result?;
+    let Some(inst) = result else {
+        return Adopted::Nothing;
+    };
     if let Err(e) = agent.write_status(&dom.name, &inst.record) {
         tracing::error!(error = %error_chain(&e), "writing status after recovery");
     }
@@ -337,7 +377,7 @@ async fn recover_migration(agent: &Arc<Agent>, dom: &Arc<Domain>, job: JobFile) 
     dom.state.lock().await.run = Run::Running(inst.clone());
     agent.watch(dom, &inst);
     tracing::warn!(domain = %dom.name, domid = inst.domid(), "migration recovered");
-    Some(inst.domid())
+    Adopted::Domid(inst.domid())
 }
 
 async fn unreachable_lost(dom: &Arc<Domain>, agent: &Arc<Agent>) {
@@ -356,10 +396,7 @@ async fn wait_migration_settled(src: &Instance) {
             .as_ref()
             .and_then(|v| v["status"].as_str())
             .unwrap_or("none");
-        if !matches!(
-            s,
-            "setup" | "active" | "cancelling" | "pre-switchover" | "device"
-        ) {
+        if !recovery::migrating(Some(s)) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

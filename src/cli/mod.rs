@@ -146,7 +146,8 @@ pub async fn run(cli: Cli) -> i32 {
                 } => (
                     Request::Migrate {
                         name,
-                        emulator,
+                        // The agent runs elsewhere: resolve against our cwd.
+                        emulator: emulator.map(|p| std::path::absolute(&p).unwrap_or(p)),
                         timeout_s: Some(timeout),
                     },
                     if json {

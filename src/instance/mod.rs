@@ -323,6 +323,11 @@ impl Instance {
         *self.exit_intent.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.into());
     }
 
+    /// The agent's attempt to end the instance failed: it lives on.
+    pub fn clear_exit_intent(&self) {
+        *self.exit_intent.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     pub fn exit_intent(&self) -> Option<String> {
         self.exit_intent
             .lock()

@@ -26,6 +26,8 @@ pub struct Job {
     /// belongs to the destination and abort is refused.
     past_switchover: AtomicBool,
     bytes: AtomicU64,
+    /// The source's QMP, for live statistics during Perform.
+    src_qmp: Mutex<Option<std::sync::Arc<crate::qmp::Qmp>>>,
 }
 
 impl Job {
@@ -39,6 +41,7 @@ impl Job {
             cancel: CancellationToken::new(),
             past_switchover: AtomicBool::new(false),
             bytes: AtomicU64::new(0),
+            src_qmp: Mutex::new(None),
         }
     }
 
@@ -71,6 +74,34 @@ impl Job {
 
     pub fn set_bytes(&self, b: u64) {
         self.bytes.store(b, Ordering::Relaxed);
+    }
+
+    pub fn set_source_qmp(&self, q: std::sync::Arc<crate::qmp::Qmp>) {
+        *self.src_qmp.lock().unwrap_or_else(|e| e.into_inner()) = Some(q);
+    }
+
+    /// Refresh `bytes` from the source while the migration streams.
+    pub async fn refresh_bytes(&self) {
+        if self.phase() != PhaseName::Perform {
+            return;
+        }
+        let q = self
+            .src_qmp
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(q) = q {
+            let r = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                q.execute_raw("query-migrate", None),
+            )
+            .await;
+            if let Ok(Ok(v)) = r {
+                if let Some(b) = v["ram"]["transferred"].as_u64() {
+                    self.set_bytes(b);
+                }
+            }
+        }
     }
 
     /// The error text other mutating calls get while this job runs.

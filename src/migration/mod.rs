@@ -58,6 +58,10 @@ pub enum MigrationError {
     Timeout { secs: u64 },
     #[error("refusing to resume the destination: {0}")]
     Unsafe(String),
+    #[error("the domain's incoming slot is taken: {0}")]
+    RemoteTaken(String),
+    #[error("connecting to the destination's console")]
+    Console(#[source] std::io::Error),
     #[error("persisting migration phase to {path}")]
     Persist {
         path: PathBuf,

@@ -86,6 +86,9 @@ pub enum Phase {
         src: InstanceRecord,
         dst: Option<InstanceRecord>,
         dst_paths: Option<InstancePaths>,
+        /// The destination's domid, once one was allocated.
+        #[serde(default)]
+        dst_domid: Option<u64>,
         outcome: Outcome,
     },
 }
@@ -138,24 +141,30 @@ impl Phase {
 
     /// Any phase -> Confirm with the outcome.
     pub fn confirm(self, outcome: Outcome) -> Phase {
-        let (src, dst, dst_paths) = match self {
-            Phase::Begin { src } => (src, None, None),
-            Phase::Prepare { src, dst_paths, .. } => (src, None, Some(dst_paths)),
+        let (src, dst, dst_paths, dst_domid) = match self {
+            Phase::Begin { src } => (src, None, None, None),
+            Phase::Prepare {
+                src,
+                dst_paths,
+                dst_domid,
+            } => (src, None, Some(dst_paths), Some(dst_domid)),
             Phase::Perform { src, dst } | Phase::Finish { src, dst } => {
-                let p = dst.paths.clone();
-                (src, Some(dst), Some(p))
+                let (p, d) = (dst.paths.clone(), dst.domid);
+                (src, Some(dst), Some(p), Some(d))
             }
             Phase::Confirm {
                 src,
                 dst,
                 dst_paths,
+                dst_domid,
                 ..
-            } => (src, dst, dst_paths),
+            } => (src, dst, dst_paths, dst_domid),
         };
         Phase::Confirm {
             src,
             dst,
             dst_paths,
+            dst_domid,
             outcome,
         }
     }

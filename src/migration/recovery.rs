@@ -49,7 +49,8 @@ pub enum Decision {
     Lost(String),
 }
 
-fn migrating(s: Option<&str>) -> bool {
+/// Is this a `query-migrate` status of a migration still in flight?
+pub fn migrating(s: Option<&str>) -> bool {
     matches!(
         s,
         Some("setup" | "active" | "pre-switchover" | "device" | "wait-unplug" | "cancelling")
