@@ -128,34 +128,12 @@ impl Mig {
     /// `-incoming defer` on the same memfd, capabilities, hooks,
     /// `migrate-incoming`, remote table.
     async fn prepare(&mut self) -> Result<broadcast::Receiver<QmpEvent>, MigrationError> {
-        let info =
-            self.agent
-                .probes
-                .get(&self.target)
-                .await
-                .map_err(|e| MigrationError::Preflight {
-                    emulator: self.target.clone(),
-                    reason: error_chain(&e),
-                })?;
+        let info = self.agent.preflight(&self.def, &self.target).await?;
         let target = self.target.clone();
         let preflight = move |reason: String| MigrationError::Preflight {
             emulator: target.clone(),
             reason,
         };
-        if !info.machines.iter().any(|m| m.name == self.def.machine) {
-            return Err(preflight(format!(
-                "QEMU {} does not provide the domain's pinned machine type {}",
-                info.version, self.def.machine
-            )));
-        }
-        for cap in params::required_capabilities() {
-            if !info.has_migration_capability(cap) {
-                return Err(preflight(format!(
-                    "QEMU {} lacks migration capability {cap}",
-                    info.version
-                )));
-            }
-        }
         let domid = self
             .agent
             .domids
@@ -180,6 +158,7 @@ impl Mig {
             console_log: &console_log,
             mode: StartMode::Incoming,
             ram: self.src.ram.clone(),
+            data_dirs: &info.data_dirs,
         })
         .await
         .map_err(MigrationError::SpawnDestination)?;
@@ -406,6 +385,81 @@ impl Mig {
 }
 
 impl Agent {
+    /// Can `target` run this domain as a migration destination? The target
+    /// binary exists and answers QMP, provides the pinned machine type and
+    /// the migration capabilities of the table. Nothing is started.
+    pub(super) async fn preflight(
+        &self,
+        def: &Definition,
+        target: &std::path::Path,
+    ) -> Result<Arc<crate::instance::probe::EmulatorInfo>, MigrationError> {
+        let fail = |reason: String| MigrationError::Preflight {
+            emulator: target.to_path_buf(),
+            reason,
+        };
+        let info = self
+            .probes
+            .get(target)
+            .await
+            .map_err(|e| fail(error_chain(&e)))?;
+        if !info.machines.iter().any(|m| m.name == def.machine) {
+            return Err(fail(format!(
+                "QEMU {} does not provide the domain's pinned machine type {}",
+                info.version, def.machine
+            )));
+        }
+        for cap in params::required_capabilities() {
+            if !info.has_migration_capability(cap) {
+                return Err(fail(format!(
+                    "QEMU {} lacks migration capability {cap}",
+                    info.version
+                )));
+            }
+        }
+        Ok(info)
+    }
+
+    /// The `preflight` op: what `qlive upgrade --dry-run` shows per domain.
+    pub(super) async fn preflight_op(
+        self: &Arc<Self>,
+        name: &str,
+        emulator: Option<PathBuf>,
+    ) -> Result<Value, AgentError> {
+        let dom = self.lookup(name)?;
+        let (def, running) = {
+            let st = dom.state.lock().await;
+            let running = match &st.run {
+                Run::Running(i) => Some(i.record.clone()),
+                _ => None,
+            };
+            (st.def.clone(), running)
+        };
+        let target = emulator.unwrap_or_else(|| def.emulator.clone());
+        if !target.is_absolute() {
+            return Err(AgentError::BadRequest(format!(
+                "the target emulator must be an absolute path (got {target:?})"
+            )));
+        }
+        let Some(rec) = running else {
+            return Err(AgentError::InvalidState(format!(
+                "domain {} is not running",
+                dom.name
+            )));
+        };
+        let verdict = self.preflight(&def, &target).await;
+        Ok(json!({
+            "name": dom.name,
+            "domid": rec.domid,
+            "from": {"emulator": rec.emulator, "qemu_version": rec.qemu_version.to_string()},
+            "to": {
+                "emulator": target,
+                "qemu_version": verdict.as_ref().ok().map(|i| i.version.to_string()),
+            },
+            "ok": verdict.is_ok(),
+            "reason": verdict.err().map(|e| error_chain(&e)),
+        }))
+    }
+
     pub(super) async fn migrate(
         self: &Arc<Self>,
         name: &str,

@@ -43,6 +43,8 @@ impl Agent {
             }
             Request::Job { name } => self.job(&name).await,
             Request::Abort { name } => self.abort(&name).await,
+            Request::Stale {} => self.stale().await,
+            Request::Preflight { name, emulator } => self.preflight_op(&name, emulator).await,
             // Streaming; handled by the server before it gets here.
             Request::Console { .. } => Err(AgentError::InvalidState(
                 "console is a streaming call".into(),
@@ -186,6 +188,7 @@ impl Agent {
             console_log: &console_log,
             mode: StartMode::Boot,
             ram,
+            data_dirs: &info.data_dirs,
         })
         .await
         .map_err(|source| AgentError::Start {
@@ -388,6 +391,35 @@ impl Agent {
         self.finish_instance(&dom, inst.domid(), "destroyed".into())
             .await;
         Ok(json!({"name": dom.name}))
+    }
+
+    /// Per running domain: is its QEMU stale, and why (procfs; see
+    /// `upgrade::stale`).
+    async fn stale(self: &Arc<Self>) -> Result<Value, AgentError> {
+        let mut out = Vec::new();
+        let doms = self.table().list();
+        for d in doms {
+            let rec = match &d.state.lock().await.run {
+                Run::Running(i) => i.record.clone(),
+                _ => continue,
+            };
+            let reasons = crate::upgrade::stale::check(rec.process.pid, &rec.loaded);
+            let (stale, reasons, error) = match reasons {
+                Ok(r) => (!r.is_empty(), r, None),
+                Err(e) => (false, vec![], Some(error_chain(&e))),
+            };
+            out.push(json!({
+                "name": d.name,
+                "domid": rec.domid,
+                "pid": rec.process.pid,
+                "emulator": rec.emulator,
+                "qemu_version": rec.qemu_version.to_string(),
+                "stale": stale,
+                "reasons": reasons.iter().map(|r| json!({"kind": r.kind, "path": r.path, "text": r.to_string()})).collect::<Vec<_>>(),
+                "error": error,
+            }));
+        }
+        Ok(Value::Array(out))
     }
 
     async fn list(self: &Arc<Self>) -> Result<Value, AgentError> {

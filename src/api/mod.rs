@@ -54,6 +54,16 @@ pub enum Request {
     Job { name: String },
     /// Cancel the domain's migration; allowed until switchover.
     Abort { name: String },
+    /// Which running domains run on outdated hypervisor files, and why;
+    /// read-only.
+    Stale {},
+    /// Would a migration of the domain to `emulator` (default: its own)
+    /// pass the preflight? Nothing is started; read-only.
+    Preflight {
+        name: String,
+        #[serde(default)]
+        emulator: Option<std::path::PathBuf>,
+    },
 }
 
 impl Request {
@@ -71,6 +81,8 @@ impl Request {
             Request::Migrate { .. } => "migrate",
             Request::Job { .. } => "job",
             Request::Abort { .. } => "abort",
+            Request::Stale {} => "stale",
+            Request::Preflight { .. } => "preflight",
         }
     }
 }

@@ -85,6 +85,36 @@ pub enum Command {
     },
     /// Cancel a domain's migration (until switchover).
     Abort { name: String },
+    /// Which running domains run on an outdated hypervisor, and why.
+    Stale {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live-migrate domains to the current (or given) hypervisor binary.
+    /// Exit: 0 all upgraded, 1 some failed (still running), 2 usage/agent error.
+    Upgrade {
+        /// Domains to upgrade.
+        #[arg(conflicts_with_all = ["all", "stale"])]
+        names: Vec<String>,
+        /// Every running domain.
+        #[arg(long, conflicts_with = "stale")]
+        all: bool,
+        /// Every running domain whose QEMU is stale (see `qlive stale`).
+        #[arg(long)]
+        stale: bool,
+        /// Target QEMU binary (default: each domain's emulator path).
+        #[arg(long)]
+        emulator: Option<PathBuf>,
+        /// Migrations at a time.
+        #[arg(long, default_value_t = 1)]
+        parallel: usize,
+        /// List what would move and run the preflight on each.
+        #[arg(long)]
+        dry_run: bool,
+        /// One JSON line per domain as it finishes, then a summary line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Exit code of a failed client call.
@@ -117,6 +147,26 @@ pub async fn run(cli: Cli) -> i32 {
             }
         }
         Command::Console { name } => console(&cli.socket, name).await,
+        Command::Upgrade {
+            names,
+            all,
+            stale,
+            emulator,
+            parallel,
+            dry_run,
+            json,
+        } => {
+            let opts = crate::upgrade::run::Options {
+                names,
+                all,
+                stale,
+                emulator: emulator.map(|p| std::path::absolute(&p).unwrap_or(p)),
+                parallel,
+                dry_run,
+                json,
+            };
+            crate::upgrade::run::run(&cli.socket, opts).await
+        }
         cmd => {
             let (req, print): (Request, fn(&serde_json::Value)) = match cmd {
                 Command::Define { file } => match read_definition(&file) {
@@ -161,6 +211,10 @@ pub async fn run(cli: Cli) -> i32 {
                     if json { output::json } else { output::job },
                 ),
                 Command::Abort { name } => (Request::Abort { name }, output::aborted),
+                Command::Stale { json } => (
+                    Request::Stale {},
+                    if json { output::json } else { output::stale },
+                ),
                 Command::List { json } => (
                     Request::List {},
                     if json { output::json } else { output::list },
@@ -169,7 +223,9 @@ pub async fn run(cli: Cli) -> i32 {
                     Request::Info { name },
                     if json { output::json } else { output::info },
                 ),
-                Command::Agent { .. } | Command::Console { .. } => unreachable!("handled above"),
+                Command::Agent { .. } | Command::Console { .. } | Command::Upgrade { .. } => {
+                    unreachable!("handled above")
+                }
             };
             match client::call(&cli.socket, &req).await {
                 Ok(v) => {

@@ -131,3 +131,32 @@ pub fn aborted(v: &Value) {
         s(&v["phase"])
     );
 }
+
+pub fn stale(v: &Value) {
+    let doms = v.as_array().cloned().unwrap_or_default();
+    if doms.is_empty() {
+        println!("no running domains");
+    }
+    for d in doms {
+        if d["stale"] == true {
+            println!(
+                "{}: STALE (QEMU {}, pid {})",
+                s(&d["name"]),
+                s(&d["qemu_version"]),
+                s(&d["pid"])
+            );
+            for r in d["reasons"].as_array().into_iter().flatten() {
+                println!("    {}", s(&r["text"]));
+            }
+        } else if !d["error"].is_null() {
+            println!("{}: unknown ({})", s(&d["name"]), s(&d["error"]));
+        } else {
+            println!(
+                "{}: current (QEMU {}, pid {})",
+                s(&d["name"]),
+                s(&d["qemu_version"]),
+                s(&d["pid"])
+            );
+        }
+    }
+}

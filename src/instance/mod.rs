@@ -82,6 +82,11 @@ pub struct InstanceRecord {
     pub ram_inode: u64,
     /// Unix time (seconds) the instance was started.
     pub started_at: u64,
+    /// Files the instance loaded at start (mapped libraries and modules,
+    /// firmware from `info roms`), with their identity then: what stale
+    /// detection compares against.
+    #[serde(default)]
+    pub loaded: Vec<crate::upgrade::stale::FileId>,
 }
 
 /// A live instance held by the agent.
@@ -105,6 +110,9 @@ pub struct SpawnSpec<'a> {
     pub console_log: &'a Path,
     pub mode: StartMode,
     pub ram: Arc<GuestRam>,
+    /// The emulator's firmware search path (from the probe), to resolve the
+    /// firmware files the instance loads.
+    pub data_dirs: &'a [PathBuf],
 }
 
 fn now_unix() -> u64 {
@@ -240,6 +248,7 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
                 domid: spec.domid,
                 source,
             })?;
+        let loaded = loaded_files(pid, &qmp, spec.data_dirs).await;
         let record = InstanceRecord {
             domid: spec.domid,
             process,
@@ -250,6 +259,7 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
             paths: paths.clone(),
             ram_inode: spec.ram.inode(),
             started_at: now_unix(),
+            loaded,
         };
         Ok::<_, InstanceError>((record, qmp))
     };
@@ -266,6 +276,31 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
             Err(e)
         }
     }
+}
+
+/// What the new process has loaded: mapped files now, plus the firmware
+/// ROMs QEMU read (`info roms`, resolved in its data directories).
+async fn loaded_files(
+    pid: i32,
+    qmp: &Qmp,
+    data_dirs: &[PathBuf],
+) -> Vec<crate::upgrade::stale::FileId> {
+    use crate::upgrade::stale;
+    let mut files = stale::mapped_files(pid).unwrap_or_default();
+    let roms = qmp
+        .execute_raw(
+            "human-monitor-command",
+            Some(serde_json::json!({"command-line": "info roms"})),
+        )
+        .await;
+    if let Ok(serde_json::Value::String(text)) = roms {
+        for f in stale::resolve_firmware(&text, data_dirs) {
+            if !files.iter().any(|x| x.path == f.path) {
+                files.push(f);
+            }
+        }
+    }
+    files
 }
 
 pub fn read_pidfile(path: &Path) -> io::Result<i32> {

@@ -51,6 +51,9 @@ pub struct EmulatorInfo {
     pub version: QemuVersion,
     pub machines: Vec<MachineType>,
     pub migration_capabilities: Vec<String>,
+    /// Where this binary looks for firmware (`-L help`), in search order.
+    #[serde(default)]
+    pub data_dirs: Vec<PathBuf>,
 }
 
 impl EmulatorInfo {
@@ -173,16 +176,41 @@ pub async fn probe(path: &Path) -> Result<EmulatorInfo, ProbeError> {
                 .collect()
         })
         .unwrap_or_default();
+    let data_dirs = data_dirs(path).await;
     Ok(EmulatorInfo {
         path: path.to_path_buf(),
         version,
         machines,
         migration_capabilities,
+        data_dirs,
     })
 }
 
 /// (path, device, inode, mtime s, mtime ns): changes when the binary does.
 type FileKey = (PathBuf, u64, u64, i64, i64);
+
+/// `EMULATOR -L help`: the firmware search path (a wrapper script's own
+/// `-L` options come first, as QEMU uses them).
+async fn data_dirs(path: &Path) -> Vec<PathBuf> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new(path)
+            .args(["-L", "help"])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await;
+    match out {
+        Ok(Ok(o)) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with('/'))
+            .map(|l| std::fs::canonicalize(l).unwrap_or_else(|_| PathBuf::from(l)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
 
 /// Probe results cached by file identity.
 #[derive(Default)]

@@ -2,4 +2,5 @@
 //! binary, a mapped library or a loaded firmware file changed on disk since
 //! they started), and the batch that live-migrates them to the new files.
 
+pub mod run;
 pub mod stale;

@@ -66,7 +66,7 @@ pub struct FileId {
     pub path: PathBuf,
     pub dev: u64,
     pub ino: u64,
-    pub mtime_ns: i128,
+    pub mtime_ns: i64,
 }
 
 impl FileId {
@@ -81,8 +81,8 @@ impl FileId {
     }
 }
 
-fn mtime_ns(m: &std::fs::Metadata) -> i128 {
-    m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
+fn mtime_ns(m: &std::fs::Metadata) -> i64 {
+    m.mtime() as i64 * 1_000_000_000 + m.mtime_nsec() as i64
 }
 
 /// Identities of the files `pid` maps now (recorded at instance start, so a
@@ -157,14 +157,11 @@ pub fn check(pid: i32, recorded: &[FileId]) -> Result<Vec<StaleReason>, StaleErr
         let Some(path) = path.map(str::trim_start).filter(|p| p.starts_with('/')) else {
             continue;
         };
-        if path.starts_with("/dev/")
-            || path.starts_with("/memfd:")
-            || !seen.insert(path.to_string())
-        {
-            continue;
-        }
         let deleted = path.ends_with(DELETED);
         let p = PathBuf::from(path.strip_suffix(DELETED).unwrap_or(path));
+        if path.starts_with("/dev/") || path.starts_with("/memfd:") || !seen.insert(p.clone()) {
+            continue;
+        }
         if p == exe_path {
             continue;
         }
@@ -203,7 +200,7 @@ pub fn check(pid: i32, recorded: &[FileId]) -> Result<Vec<StaleReason>, StaleErr
     // Recorded files the process does not map (firmware it read at start).
     for r in recorded
         .iter()
-        .filter(|r| !seen.contains(&*r.path.to_string_lossy()))
+        .filter(|r| !seen.contains(&r.path) && r.path != exe_path)
     {
         match FileId::of(&r.path) {
             Err(_) => {
