@@ -82,7 +82,7 @@ impl FileId {
 }
 
 fn mtime_ns(m: &std::fs::Metadata) -> i64 {
-    m.mtime() as i64 * 1_000_000_000 + m.mtime_nsec() as i64
+    m.mtime() * 1_000_000_000 + m.mtime_nsec()
 }
 
 /// Identities of the files `pid` maps now (recorded at instance start, so a
