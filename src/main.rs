@@ -8,10 +8,7 @@ fn main() {
     let default = if is_agent { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("QLIVE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(filter, is_agent);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -24,4 +21,23 @@ fn main() {
     };
     let code = rt.block_on(qlive::cli::run(cli));
     std::process::exit(code);
+}
+
+/// Under systemd (JOURNAL_STREAM set) the agent logs to the journal with
+/// structured fields; otherwise, and for the client, to stderr.
+fn init_logging(filter: tracing_subscriber::EnvFilter, is_agent: bool) {
+    use tracing_subscriber::prelude::*;
+    if is_agent && std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journald) = tracing_journald::layer() {
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(journald.with_syslog_identifier("qlive".into()))
+                .init();
+            return;
+        }
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }

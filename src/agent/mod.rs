@@ -15,6 +15,7 @@ pub const fn migrate_default_timeout() -> u64 {
     migrate::DEFAULT_TIMEOUT_S
 }
 mod recover;
+mod sd;
 mod server;
 
 use crate::api::{ApiError, ErrorKind};
@@ -344,6 +345,25 @@ impl Agent {
     pub fn domain_count(&self) -> usize {
         self.table().list().len()
     }
+
+    /// One line for systemd's STATUS= and the startup log.
+    pub async fn summary(&self) -> String {
+        let doms = self.table().list();
+        let (mut running, mut jobs) = (0, 0);
+        for d in &doms {
+            let st = d.state.lock().await;
+            if matches!(st.run, Run::Running(_)) {
+                running += 1;
+            }
+            if st.job.is_some() {
+                jobs += 1;
+            }
+        }
+        format!(
+            "{} domains, {running} running, {jobs} migrating",
+            doms.len()
+        )
+    }
 }
 
 /// Run the agent until SIGTERM/SIGINT. Guests keep running after it exits.
@@ -351,16 +371,41 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let agent = Agent::open(cfg)
         .await
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
-    let listener = server::bind(&agent.cfg.socket)?;
-    tracing::info!(socket = %agent.cfg.socket.display(), domains = agent.domain_count(), "qlive agent ready");
+    let activated = sd::activated_listener();
+    let socket_activated = activated.is_some();
+    let listener = match activated {
+        Some(l) => {
+            l.set_nonblocking(true)?;
+            tracing::info!("using the API socket passed by systemd");
+            tokio::net::UnixListener::from_std(l)?
+        }
+        None => server::bind(&agent.cfg.socket)?,
+    };
+
+    let summary = agent.summary().await;
+    tracing::info!(socket = %agent.cfg.socket.display(), %summary, "qlive agent ready");
+    sd::ready(&summary);
+    sd::spawn_watchdog();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let status_agent = agent.clone();
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(std::time::Duration::from_secs(10));
+        loop {
+            t.tick().await;
+            sd::status(&status_agent.summary().await);
+        }
+    });
     tokio::select! {
         r = server::serve(agent.clone(), listener) => r?,
         _ = term.recv() => tracing::info!("SIGTERM: agent stopping; guests keep running"),
         _ = int.recv() => tracing::info!("SIGINT: agent stopping; guests keep running"),
     }
-    let _ = std::fs::remove_file(&agent.cfg.socket);
+    sd::stopping();
+    // A socket systemd owns stays (the next agent inherits it).
+    if !socket_activated {
+        let _ = std::fs::remove_file(&agent.cfg.socket);
+    }
     Ok(())
 }
 
