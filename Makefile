@@ -4,7 +4,7 @@
 CARGO ?= cargo
 GUEST_DIR := target/guest
 
-.PHONY: all build deps guest qemu-new demo test lint bench bench-core bench-migration clean
+.PHONY: all build deps guest qemu-new deb demo test lint bench bench-core bench-migration clean
 
 all: build
 
@@ -22,6 +22,10 @@ guest: deps
 qemu-new: deps
 	tests/rig/fetch-new-qemu.sh target/qemu-new
 
+# The Debian package (cargo-deb; metadata in Cargo.toml, scripts in packaging/debian).
+deb: deps
+	$(CARGO) deb --locked
+
 # Boot the demo guest under a private agent and show it running.
 demo: build guest qemu-new
 	scripts/demo.sh
@@ -31,7 +35,7 @@ lint:
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
 # Everything: lint, unit and integration tests (real QEMU under TCG).
-test: deps guest qemu-new lint
+test: deps guest qemu-new deb lint
 	$(CARGO) nextest run --locked --profile ci
 
 # Benchmarks print their figures (docs/benchmarks.md); not part of `make test`.

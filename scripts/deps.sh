@@ -40,3 +40,7 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "deps: installing cargo-nextest"
   cargo install cargo-nextest --locked
 fi
+if ! cargo deb --version >/dev/null 2>&1; then
+  echo "deps: installing cargo-deb"
+  cargo install cargo-deb --locked
+fi

@@ -8,6 +8,8 @@
 #   OUTDIR/root/...                    the unpacked packages (dpkg-deb -x)
 #   OUTDIR/bin/qemu-system-x86_64      wrapper that runs it with its own firmware and modules
 #   OUTDIR/VERSION                     the Debian version that was unpacked
+#   OUTDIR/debs/*.deb                  the packages themselves (the systemd end-to-end
+#                                      test installs them as a real QEMU upgrade)
 #
 # Steps: enable bookworm-backports (a sources.list.d entry on the same mirror as the
 # machine's existing Debian sources) if no source has it yet; apt-get update;
@@ -36,6 +38,7 @@ UPSTREAM_MAJOR=$(printf '%s' "${PREFIX#*:}" | cut -d. -f1)
 # ---- already there? -------------------------------------------------------------
 works() {
     [ -x "$WRAPPER" ] || return 1
+    ls "$OUTDIR"/debs/qemu-system-x86_*.deb >/dev/null 2>&1 || return 1
     local v
     v=$(timeout 30 "$WRAPPER" -version 2>/dev/null) || return 1
     v=${v%%$'\n'*}
@@ -214,6 +217,9 @@ rm -rf "$OUTDIR/root.old"
 [ ! -e "$R" ] || mv "$R" "$OUTDIR/root.old"
 mv "$OUTDIR/root.new" "$R"
 rm -rf "$OUTDIR/root.old"
+rm -rf "$OUTDIR/debs"
+mkdir -p "$OUTDIR/debs"
+cp "$DL"/*.deb "$OUTDIR/debs/"
 
 # ---- wrapper -------------------------------------------------------------------------
 # -L order = search order: the unpacked data, then backports SeaBIOS, then iPXE ROMs.

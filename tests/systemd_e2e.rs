@@ -1,0 +1,60 @@
+//! qlive under real systemd, installed from its Debian package, upgrading a
+//! guest when QEMU itself is upgraded with dpkg. The scenario is
+//! tests/systemd/e2e.sh (systemd booted as PID 1 in namespaces over
+//! overlays, so the host is untouched); this test runs it and checks the
+//! guest's console across the agent restart and the upgrade.
+//!
+//! Needs `make deb` (target/debian/qlive_*.deb) and `make qemu-new`
+//! (target/qemu-new/debs): `make test` builds both first.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn dpkg_upgrade_of_qemu_moves_the_guest_under_systemd() {
+    let root = repo_root();
+    let deb = std::fs::read_dir(root.join("target/debian"))
+        .ok()
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .expect("qlive .deb missing in target/debian: run `make deb`");
+    let debs = root.join("target/qemu-new/debs");
+    assert!(
+        debs.is_dir(),
+        "QEMU 10 packages missing: run `make qemu-new`"
+    );
+    let g = guest_image();
+    let scratch = tempfile::Builder::new()
+        .prefix("ns-e2e")
+        .tempdir_in(root.join("target"))
+        .unwrap();
+    let out = std::process::Command::new(root.join("tests/systemd/e2e.sh"))
+        .arg(&deb)
+        .arg(&debs)
+        .arg(g.kernel.parent().unwrap())
+        .arg(scratch.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let steps: Vec<&str> = stdout.lines().filter(|l| l.starts_with("e2e:")).collect();
+    println!("{}", steps.join("\n"));
+    assert!(
+        out.status.success(),
+        "e2e.sh failed:\n{}\n{stderr}",
+        steps.join("\n")
+    );
+    assert!(stdout.contains("e2e: PASS"));
+    let log = stdout
+        .split("CONSOLE_LOG_BEGIN\n")
+        .nth(1)
+        .and_then(|s| s.split("CONSOLE_LOG_END").next())
+        .expect("console log in e2e output");
+    let hb = Heartbeat::parse(log.as_bytes());
+    assert!(hb.count > 800, "heartbeats seen: {}", hb.count);
+    hb.assert_intact("guest console across agent restart and QEMU package upgrade");
+}
