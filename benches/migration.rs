@@ -57,7 +57,7 @@ fn pct(v: &[f64], p: f64) -> f64 {
 }
 
 fn cmdline() -> String {
-    format!("console=ttyS0 quiet panic=-1 qlive.pattern_mib={PATTERN_MIB}")
+    format!("console=ttyS0 quiet panic=-1 no_timer_check qlive.pattern_mib={PATTERN_MIB}")
 }
 
 fn wait_for(log: &Path, needle: &str, timeout: Duration) {

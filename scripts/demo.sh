@@ -36,7 +36,7 @@ cat >"$base/demo.json" <<JSON
   "memory_mib": 1024,
   "kernel": "$PWD/$GUEST/vmlinux",
   "initrd": "$PWD/$GUEST/initrd.img",
-  "cmdline": "console=ttyS0 quiet panic=-1 qlive.pattern_mib=64"
+  "cmdline": "console=ttyS0 quiet panic=-1 no_timer_check qlive.pattern_mib=64"
 }
 JSON
 

@@ -86,26 +86,29 @@ fn lifecycle_define_start_info_stop_destroy_undefine() {
         .spawn()
         .unwrap();
     let mut out = child.stdout.take().unwrap();
-    let mut buf = vec![0u8; 4096];
-    let mut got = Vec::new();
-    let t0 = std::time::Instant::now();
-    while !String::from_utf8_lossy(&got).contains("\nHB ") && t0.elapsed() < Duration::from_secs(10)
-    {
-        use std::io::Read;
-        let n = out.read(&mut buf).unwrap();
-        got.extend_from_slice(&buf[..n]);
-    }
-    assert!(
-        String::from_utf8_lossy(&got).contains("\nHB "),
-        "console streamed heartbeats"
-    );
-    // the stream ends (the client exits) when the domain stops
+    // Read in a thread (a blocking read must never hang the test: a killed
+    // test leaves its QEMUs behind); it ends when the stream ends.
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g2 = got.clone();
     let reader = std::thread::spawn(move || {
         use std::io::Read;
-        let mut rest = Vec::new();
-        let _ = out.read_to_end(&mut rest);
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            g2.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
         let _ = child.wait();
     });
+    let t0 = std::time::Instant::now();
+    while !String::from_utf8_lossy(&got.lock().unwrap()).contains("\nHB ") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "console streamed no heartbeat"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // undefine refused while running
     let (code, err) = rig.fails(&["undefine", "life"]);

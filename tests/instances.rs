@@ -58,8 +58,8 @@ async fn two_instances_of_one_domain_do_not_clash() {
     guard.0.push(b.pid());
     let check = async {
         let (pa, pb) = (&a.record.paths, &b.record.paths);
-        let all_a = [&pa.dir, &pa.qmp, &pa.console, &pa.pid, &pa.log];
-        let all_b = [&pb.dir, &pb.qmp, &pb.console, &pb.pid, &pb.log];
+        let all_a = [&pa.dir, &pa.qmp, &pa.pid, &pa.log];
+        let all_b = [&pb.dir, &pb.qmp, &pb.pid, &pb.log];
         for (x, y) in all_a.iter().zip(all_b.iter()) {
             assert_ne!(x, y);
             assert!(

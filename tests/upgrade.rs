@@ -48,7 +48,7 @@ fn upgrade_stale_in_parallel_continues_past_a_failure() {
     let rig = Rig::new();
     let emu = qemu_prefix(&rig);
     for n in ["a", "b", "c"] {
-        rig.define_guest(n, 256, json!({"emulator": emu, "cmdline": "console=ttyS0 quiet panic=-1 qlive.pattern_mib=16"}));
+        rig.define_guest(n, 256, json!({"emulator": emu, "cmdline": "console=ttyS0 quiet panic=-1 no_timer_check qlive.pattern_mib=16"}));
         rig.ok(&["start", n]);
     }
     let mut before = std::collections::HashMap::new();

@@ -6,7 +6,6 @@
 //! one, and only until switchover.
 
 use super::{error_chain, Agent, AgentError, Domain, Run};
-use crate::console::ConsoleReader;
 use crate::domain::Definition;
 use crate::instance::cmdline::StartMode;
 use crate::instance::paths::{domain_run_dir, InstancePaths};
@@ -81,7 +80,6 @@ struct Mig {
     dst: Option<Arc<Instance>>,
     dst_domid: Option<u64>,
     dst_paths: Option<InstancePaths>,
-    dst_console: Option<ConsoleReader>,
     hooks_ran: bool,
 }
 
@@ -176,15 +174,6 @@ impl Mig {
         {
             return Err(MigrationError::RemoteTaken(e.to_string()));
         }
-        // Console: connected now (a socket chardev drops output while no
-        // client is connected); forwarded once the source's reader is done.
-        let reader = self
-            .dom
-            .console
-            .attach(&dst.record.paths.console, self.dom.console_reader())
-            .await
-            .map_err(MigrationError::Console)?;
-        self.dst_console = Some(reader);
 
         params::apply(&self.src.qmp, Side::Source)
             .await
@@ -555,7 +544,6 @@ impl Agent {
             dst: None,
             dst_domid: None,
             dst_paths: None,
-            dst_console: None,
             hooks_ran: false,
         };
         let mig_err = |source| AgentError::Migration {
@@ -617,7 +605,7 @@ impl Agent {
         }
         m.test_pause("before").await;
         let dst = m.dst.clone().expect("destination exists after Finish");
-        self.switch_to(&dom, &src, &dst, m.dst_console.take()).await;
+        self.switch_to(&dom, &src, &dst).await;
         m.times.record(PhaseName::Confirm, t);
         m.test_pause("after").await;
         if let Err(e) = JobFile::remove(&m.path) {
@@ -656,7 +644,6 @@ impl Agent {
         dom: &Arc<Domain>,
         src: &Arc<Instance>,
         dst: &Arc<Instance>,
-        dst_console: Option<ConsoleReader>,
     ) {
         {
             let mut st = dom.state.lock().await;
@@ -675,9 +662,6 @@ impl Agent {
                         tracing::error!(error = %error_chain(&e), "recording the new emulator")
                     }
                 }
-            }
-            if dst_console.is_some() {
-                dom.set_console_reader(dst_console);
             }
         }
         self.watch(dom, dst);
@@ -704,7 +688,6 @@ impl Agent {
         } else if let Some(p) = &m.dst_paths {
             instance::cleanup_paths(p);
         }
-        m.dst_console = None;
         if m.hooks_ran {
             hooks::release(&self.cfg.hooks_dir, &hook_env).await;
         }

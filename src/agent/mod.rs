@@ -164,8 +164,8 @@ pub struct Domain {
     pub uuid: Uuid,
     pub state: tokio::sync::Mutex<DomainState>,
     pub console: ConsoleHub,
-    /// The reader of the current instance's console socket.
-    pub console_reader: Mutex<Option<crate::console::ConsoleReader>>,
+    /// Follows the domain's console log for live clients.
+    console_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Domain {
@@ -182,22 +182,38 @@ impl Domain {
                 removed: false,
             }),
             console: ConsoleHub::default(),
-            console_reader: Mutex::new(None),
+            console_task: Mutex::new(None),
         }
     }
 
-    pub fn set_console_reader(&self, r: Option<crate::console::ConsoleReader>) {
-        *self
-            .console_reader
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = r;
+    /// Start following the console log (once per domain, for its life).
+    pub fn follow_console(&self, log: &Path) {
+        match self.console.follow(log) {
+            Ok(t) => {
+                if let Some(old) = self
+                    .console_task
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .replace(t)
+                {
+                    old.abort();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(domain = %self.name, error = %error_chain(&e), "live console unavailable")
+            }
+        }
     }
 
-    pub fn console_reader(&self) -> Option<crate::console::ConsoleReader> {
-        self.console_reader
+    pub fn stop_console(&self) {
+        if let Some(t) = self
+            .console_task
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .take()
+        {
+            t.abort();
+        }
     }
 }
 

@@ -73,7 +73,9 @@ impl Agent {
         }
         self.store.save(&def)?;
         let dom = Arc::new(Domain::new(def.clone(), uuid, "defined"));
-        table.insert(&def.name, uuid, dom)?;
+        table.insert(&def.name, uuid, dom.clone())?;
+        drop(table);
+        dom.follow_console(&self.console_log(&def.name));
         tracing::info!(domain = %def.name, %uuid, "defined");
         Ok(json!({"name": def.name, "uuid": uuid}))
     }
@@ -104,6 +106,7 @@ impl Agent {
         self.store.remove(&dom.name)?;
         self.table().remove(&dom.name)?;
         st.removed = true;
+        dom.stop_console();
         let _ = crate::fsutil::remove_file_if_exists(&self.console_log(&dom.name));
         let _ = crate::fsutil::remove_dir_all_if_exists(&crate::instance::paths::domain_run_dir(
             &self.cfg.run_dir,
@@ -198,15 +201,6 @@ impl Agent {
         let inst = Arc::new(inst);
         // From here on a failure must take the instance down again.
         let activate = async {
-            let reader = dom
-                .console
-                .attach(&inst.record.paths.console, None)
-                .await
-                .map_err(|source| AgentError::Io {
-                    what: "connecting to the console socket".into(),
-                    source,
-                })?;
-            dom.set_console_reader(Some(reader));
             // Recorded before the vCPUs run: recovery relies on it.
             self.write_status(&dom.name, &inst.record)?;
             inst.qmp.cont().await.map_err(|source| AgentError::Qmp {
@@ -473,7 +467,8 @@ impl Agent {
                 v["accel"] = json!(r.accel);
                 v["started_at"] = json!(r.started_at);
                 v["paths"] = json!({
-                    "dir": r.paths.dir, "qmp": r.paths.qmp, "console": r.paths.console,
+                    "dir": r.paths.dir, "qmp": r.paths.qmp,
+                    "console": self.console_log(&dom.name),
                     "pid": r.paths.pid, "log": r.paths.log,
                 });
             }

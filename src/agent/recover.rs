@@ -46,6 +46,7 @@ pub(super) async fn recover(agent: &Arc<Agent>) -> Result<(), AgentError> {
             tracing::error!(domain = %name, error = %e, "stored domain not loaded");
             continue;
         }
+        dom.follow_console(&agent.console_log(&name));
         let job = job_path(&domain_run_dir(&agent.cfg.run_dir, &name));
         let adopted = match JobFile::load(&job) {
             Ok(Some(j)) => recover_migration(agent, &dom, j).await,
@@ -122,7 +123,6 @@ async fn adopt_domain(agent: &Arc<Agent>, dom: &Arc<Domain>) -> Adopted {
                     }
                 }
             }
-            attach_console(dom, &inst).await;
             dom.state.lock().await.run = Run::Running(inst.clone());
             agent.watch(dom, &inst);
             tracing::info!(domain = %dom.name, domid, pid, "re-adopted running instance");
@@ -176,13 +176,6 @@ async fn sweep_strays(agent: &Arc<Agent>, name: &str, keep: Option<u64>) {
         kill_unrecorded(name, &p).await;
         tracing::info!(domain = name, domid, "removing stale instance directory");
         let _ = crate::fsutil::remove_dir_all_if_exists(&p);
-    }
-}
-
-async fn attach_console(dom: &Arc<Domain>, inst: &Instance) {
-    match dom.console.attach(&inst.record.paths.console, None).await {
-        Ok(r) => dom.set_console_reader(Some(r)),
-        Err(e) => tracing::warn!(domain = %dom.name, error = %e, "console not reattached"),
     }
 }
 
@@ -373,7 +366,6 @@ async fn recover_migration(agent: &Arc<Agent>, dom: &Arc<Domain>, job: JobFile) 
     if let Err(e) = agent.write_status(&dom.name, &inst.record) {
         tracing::error!(error = %error_chain(&e), "writing status after recovery");
     }
-    attach_console(dom, &inst).await;
     dom.state.lock().await.run = Run::Running(inst.clone());
     agent.watch(dom, &inst);
     tracing::warn!(domain = %dom.name, domid = inst.domid(), "migration recovered");

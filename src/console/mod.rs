@@ -1,21 +1,55 @@
-//! The console. Every instance's serial port is a QEMU socket chardev
-//! (`console.sock`, per instance) with QEMU's own `logfile=` pointing at one
-//! per-domain log under the state dir (`<state>/console/<name>.log`,
-//! `logappend=on`): each instance appends to it in turn, and QEMU writes it
-//! whether or not anyone is connected, so the log stays whole while the
-//! agent is down and across instances.
+//! The console. Every instance's serial port is a QEMU file chardev
+//! appending to one per-domain log under the state dir
+//! (`-chardev file,path=<state>/console/<name>.log,append=on`). Each
+//! instance of the domain appends to it in turn (the source's vCPUs stop
+//! before the destination's start), so the log is whole across migrations
+//! and while the agent is down, and nothing the agent does (or fails to do)
+//! can stall the guest's serial port.
 //!
-//! For live viewing the agent connects to the instance's socket and fans the
+//! Why not a socket chardev with `logfile=`: QEMU's chardev layer logs a
+//! byte whose socket write returned EAGAIN as if the write had failed for
+//! good, then the serial device retries it and it is logged again: a
+//! doubled byte in the log whenever the reading client stalls for ~30 ms
+//! (reproduced with QEMU 7.2 and 10.0; see docs/architecture.md).
+//!
+//! For live viewing the agent follows the file (inotify) and fans new
 //! bytes out to `qlive console` clients through a [`ConsoleHub`].
 
 use bytes::Bytes;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
-use tokio::io::AsyncReadExt;
-use tokio::sync::{broadcast, watch};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::broadcast;
 
 pub fn log_path(state_dir: &Path, name: &str) -> PathBuf {
     state_dir.join("console").join(format!("{name}.log"))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    #[error("opening console log {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("watching console log {path}")]
+    Watch {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+/// An inotify instance as tokio wants it (AsRawFd).
+struct Watch(Inotify);
+
+impl std::os::fd::AsRawFd for Watch {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd;
+        self.0.as_fd().as_raw_fd()
+    }
 }
 
 /// Fan-out of one domain's live console bytes.
@@ -37,89 +71,115 @@ impl ConsoleHub {
     }
 
     /// The domain stopped: end every client's stream (an empty chunk is the
-    /// end marker; readers never send empty chunks).
+    /// end marker; the follower never sends empty chunks).
     pub fn end(&self) {
         let _ = self.tx.send(Bytes::new());
     }
 
-    /// Connect to an instance's console socket and forward everything read
-    /// to the hub until EOF (the instance exited). Returns once connected, so
-    /// the caller can `cont` knowing no early output goes unseen.
-    ///
-    /// `after`: the reader of the instance this one replaces (migration).
-    /// Bytes from the new instance are held back until the old reader hit
-    /// EOF, so the stream has the old instance's last bytes first and no
-    /// byte is reordered, lost or doubled at the hand-over.
-    pub async fn attach(
-        &self,
-        socket: &Path,
-        after: Option<ConsoleReader>,
-    ) -> std::io::Result<ConsoleReader> {
-        let mut last = None;
-        for _ in 0..50 {
-            match tokio::net::UnixStream::connect(socket).await {
-                Ok(s) => {
-                    let (done_tx, done_rx) = watch::channel(false);
-                    tokio::spawn(forward(s, self.tx.clone(), after, done_tx));
-                    return Ok(ConsoleReader { done: done_rx });
+    /// Follow `log` from its current end, forwarding what QEMU appends.
+    /// Creates the file if needed. The task runs until aborted.
+    pub fn follow(&self, log: &Path) -> Result<tokio::task::JoinHandle<()>, ConsoleError> {
+        let path = log.to_path_buf();
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&path)
+            .map_err(|source| ConsoleError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        let ino =
+            Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).map_err(|source| {
+                ConsoleError::Watch {
+                    path: path.clone(),
+                    source,
                 }
-                Err(e) => {
-                    last = Some(e);
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        }
-        Err(last.unwrap_or_else(|| std::io::Error::other("console connect failed")))
-    }
-}
-
-/// Handle on a console reader task: tells when it reached EOF.
-#[derive(Clone)]
-pub struct ConsoleReader {
-    done: watch::Receiver<bool>,
-}
-
-impl ConsoleReader {
-    pub async fn wait_done(mut self) {
-        let _ = self.done.wait_for(|d| *d).await;
-    }
-
-    pub fn is_done(&self) -> bool {
-        *self.done.borrow()
-    }
-}
-
-async fn forward(
-    mut s: tokio::net::UnixStream,
-    tx: broadcast::Sender<Bytes>,
-    after: Option<ConsoleReader>,
-    done: watch::Sender<bool>,
-) {
-    let mut held: Vec<u8> = Vec::new();
-    let mut waiting = after.clone().filter(|a| !a.is_done());
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let read = match waiting.clone() {
-            Some(prev) => tokio::select! {
-                biased;
-                _ = prev.wait_done() => {
-                    waiting = None;
-                    if !held.is_empty() {
-                        let _ = tx.send(Bytes::from(std::mem::take(&mut held)));
+            })?;
+        ino.add_watch(&path, AddWatchFlags::IN_MODIFY)
+            .map_err(|source| ConsoleError::Watch {
+                path: path.clone(),
+                source,
+            })?;
+        let mut pos = file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| ConsoleError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        // SAFETY: the Inotify (an OwnedFd inside) moves into the AsyncFd and
+        // stays open, same number, until the AsyncFd is dropped.
+        let afd =
+            unsafe { AsyncFd::register_with_interest(Watch(ino), tokio::io::Interest::READABLE) }
+                .map_err(|e| ConsoleError::Open {
+                path: path.clone(),
+                source: e.into(),
+            })?;
+        let tx = self.tx.clone();
+        Ok(tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let Ok(mut guard) = afd.readable().await else {
+                    break;
+                };
+                // Drain the events; the file is what matters.
+                while afd.get_ref().0.read_events().is_ok_and(|e| !e.is_empty()) {}
+                guard.clear_ready();
+                loop {
+                    match file.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            pos += n as u64;
+                            let _ = tx.send(Bytes::copy_from_slice(&buf[..n]));
+                        }
+                        Err(e) => {
+                            tracing::warn!(path = %path.display(), error = %e, "reading console log");
+                            break;
+                        }
                     }
-                    continue;
                 }
-                r = s.read(&mut buf) => r,
-            },
-            None => s.read(&mut buf).await,
-        };
-        match read {
-            Ok(0) | Err(_) => break,
-            Ok(n) if waiting.is_some() => held.extend_from_slice(&buf[..n]),
-            Ok(n) => {
-                let _ = tx.send(Bytes::copy_from_slice(&buf[..n]));
+                // Truncated under us (by hand): start over from its end.
+                if std::fs::metadata(&path).is_ok_and(|m| m.len() < pos) {
+                    pos = file.seek(SeekFrom::End(0)).unwrap_or(0);
+                }
             }
-        }
+        }))
     }
-    let _ = done.send(true);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[tokio::test]
+    async fn follows_appends_from_two_writers_in_order() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.log");
+        std::fs::write(&p, b"before\n").unwrap();
+        let hub = ConsoleHub::default();
+        let mut rx = hub.subscribe();
+        let task = hub.follow(&p).unwrap();
+        // two "instances" appending in turn, as QEMU's append=on does
+        for (i, chunk) in [&b"HB 1\nHB "[..], b"2\nHB 3\n"].iter().enumerate() {
+            let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+            f.write_all(chunk).unwrap();
+            drop(f);
+            let _ = i;
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let mut got = Vec::new();
+        while got.len() < 14 {
+            let b = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            got.extend_from_slice(&b);
+        }
+        assert_eq!(
+            got, b"HB 1\nHB 2\nHB 3\n",
+            "only new bytes, each once, in order"
+        );
+        task.abort();
+    }
 }

@@ -86,14 +86,12 @@ pub fn build(
         "-mon",
         &format!("chardev={QMP_CHARDEV},mode=control"),
     ]);
-    // The console: a socket the agent streams from, and QEMU's own logfile
-    // (one per domain, appended by every instance in turn), which stays
-    // whole even while no client is connected.
+    // The console: one per-domain log every instance appends to in turn
+    // (see crate::console for why not a socket chardev).
     push(&[
         "-chardev",
         &format!(
-            "socket,id={CONSOLE_CHARDEV},path={},server=on,wait=off,logfile={},logappend=on",
-            qemu_opt_escape(&paths.console),
+            "file,id={CONSOLE_CHARDEV},path={},append=on",
             qemu_opt_escape(console_log)
         ),
         "-serial",

@@ -13,7 +13,6 @@ pub const MAX_SOCKET_PATH: usize = 107;
 pub struct InstancePaths {
     pub dir: PathBuf,
     pub qmp: PathBuf,
-    pub console: PathBuf,
     pub migrate: PathBuf,
     pub pid: PathBuf,
     pub log: PathBuf,
@@ -24,7 +23,6 @@ impl InstancePaths {
         let dir = domain_run_dir(run_dir, name).join(domid.to_string());
         InstancePaths {
             qmp: dir.join("qmp.sock"),
-            console: dir.join("console.sock"),
             migrate: dir.join("migrate.sock"),
             pid: dir.join("pid"),
             log: dir.join("qemu.log"),
@@ -34,7 +32,7 @@ impl InstancePaths {
 
     /// The socket path that is longest, if it is over the kernel's limit.
     pub fn too_long_socket(&self) -> Option<&Path> {
-        [&self.qmp, &self.console, &self.migrate]
+        [&self.qmp, &self.migrate]
             .into_iter()
             .find(|p| p.as_os_str().len() > MAX_SOCKET_PATH)
             .map(|p| p.as_path())
@@ -54,8 +52,8 @@ mod tests {
     fn two_instances_never_share_a_path() {
         let a = InstancePaths::new(Path::new("/run/qlive"), "vm", 7);
         let b = InstancePaths::new(Path::new("/run/qlive"), "vm", 8);
-        let pa = [&a.dir, &a.qmp, &a.console, &a.migrate, &a.pid, &a.log];
-        let pb = [&b.dir, &b.qmp, &b.console, &b.migrate, &b.pid, &b.log];
+        let pa = [&a.dir, &a.qmp, &a.migrate, &a.pid, &a.log];
+        let pb = [&b.dir, &b.qmp, &b.migrate, &b.pid, &b.log];
         for x in pa {
             assert!(!pb.contains(&x));
         }

@@ -60,8 +60,7 @@ pub enum MigrationError {
     Unsafe(String),
     #[error("the domain's incoming slot is taken: {0}")]
     RemoteTaken(String),
-    #[error("connecting to the destination's console")]
-    Console(#[source] std::io::Error),
+
     #[error("persisting migration phase to {path}")]
     Persist {
         path: PathBuf,

@@ -270,7 +270,7 @@ impl Rig {
             "memory_mib": memory_mib,
             "kernel": g.kernel,
             "initrd": g.initrd,
-            "cmdline": "console=ttyS0 quiet panic=-1 qlive.pattern_mib=32",
+            "cmdline": "console=ttyS0 quiet panic=-1 no_timer_check qlive.pattern_mib=32",
         });
         if let (Some(d), Some(e)) = (def.as_object_mut(), extra.as_object()) {
             for (k, v) in e {
@@ -324,7 +324,9 @@ impl Rig {
                 continue;
             }
             let cmd = String::from_utf8_lossy(&cmd);
-            if cmd.contains("qemu-system") && cmd.contains(&needle) {
+            // every qlive instance has `-name guest=...`; the emulator path
+            // may be anything (a copied binary in a test prefix)
+            if cmd.contains("guest=") && cmd.contains("-daemonize") && cmd.contains(&needle) {
                 out.push(pid);
             }
         }

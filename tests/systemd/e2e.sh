@@ -45,7 +45,7 @@ step "package installed; units verified; socket 660 root:qlive"
 cat >"$S/vm.json" <<JSON
 {"name": "vm", "emulator": "/usr/bin/qemu-system-x86_64", "accel": "tcg", "memory_mib": 256,
  "kernel": "$GUEST/vmlinux", "initrd": "$GUEST/initrd.img",
- "cmdline": "console=ttyS0 quiet panic=-1 qlive.pattern_mib=16"}
+ "cmdline": "console=ttyS0 quiet panic=-1 no_timer_check qlive.pattern_mib=16"}
 JSON
 "${NS[@]}" qlive define "$S/vm.json" >/dev/null
 "${NS[@]}" qlive start vm >/dev/null
