@@ -4,7 +4,7 @@
 CARGO ?= cargo
 GUEST_DIR := target/guest
 
-.PHONY: all build deps guest qemu-new deb demo test lint bench bench-core bench-migration clean
+.PHONY: all build deps guest qemu-new deb demo test lint bench bench-core bench-migration bench-upgrade clean
 
 all: build
 
@@ -39,13 +39,16 @@ test: deps guest qemu-new deb lint
 	$(CARGO) nextest run --locked --profile ci
 
 # Benchmarks print their figures (docs/benchmarks.md); not part of `make test`.
-bench: bench-core bench-migration
+bench: bench-core bench-migration bench-upgrade
 
 bench-core: build guest
 	$(CARGO) bench --locked --bench core
 
 bench-migration: build guest
 	$(CARGO) bench --locked --bench migration
+
+bench-upgrade: build guest
+	$(CARGO) bench --locked --bench upgrade
 
 clean:
 	$(CARGO) clean

@@ -58,3 +58,71 @@ fn dpkg_upgrade_of_qemu_moves_the_guest_under_systemd() {
     assert!(hb.count > 800, "heartbeats seen: {}", hb.count);
     hb.assert_intact("guest console across agent restart and QEMU package upgrade");
 }
+
+/// The package carries the binary, the three units, tmpfiles/sysusers
+/// snippets, the docs, its maintainer scripts and the QEMU trigger.
+#[test]
+fn deb_contents() {
+    let root = repo_root();
+    let deb = std::fs::read_dir(root.join("target/debian"))
+        .ok()
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .expect("qlive .deb missing in target/debian: run `make deb`");
+    let out = std::process::Command::new("dpkg-deb")
+        .arg("-c")
+        .arg(&deb)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    for f in [
+        "./usr/bin/qlive",
+        "./lib/systemd/system/qlive.service",
+        "./lib/systemd/system/qlive.socket",
+        "./lib/systemd/system/qlive-upgrade.service",
+        "./usr/lib/tmpfiles.d/qlive.conf",
+        "./usr/lib/sysusers.d/qlive.conf",
+        "./usr/share/doc/qlive/docs/operations.md",
+    ] {
+        assert!(
+            listing.lines().any(|l| l.ends_with(f)),
+            "{f} missing from the .deb:\n{listing}"
+        );
+    }
+    let ctrl = std::process::Command::new("dpkg-deb")
+        .arg("-I")
+        .arg(&deb)
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&ctrl.stdout);
+    for s in [
+        "postinst",
+        "prerm",
+        "postrm",
+        "triggers",
+        "Depends:",
+        "qemu-system-x86",
+        "libsystemd0",
+    ] {
+        assert!(
+            info.contains(s),
+            "{s} missing from the control data:\n{info}"
+        );
+    }
+    let trig = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "dpkg-deb --ctrl-tarfile '{}' | tar -xO ./triggers",
+            deb.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&trig.stdout)
+            .contains("interest-noawait /usr/bin/qemu-system-x86_64"),
+        "trigger on the QEMU binary"
+    );
+}
