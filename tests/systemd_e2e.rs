@@ -11,17 +11,22 @@ mod common;
 
 use common::*;
 
-#[test]
-fn dpkg_upgrade_of_qemu_moves_the_guest_under_systemd() {
-    let root = repo_root();
-    let deb = std::fs::read_dir(root.join("target/debian"))
+/// The package `make deb` built.
+fn qlive_deb() -> std::path::PathBuf {
+    std::fs::read_dir(repo_root().join("target/debian"))
         .ok()
         .into_iter()
         .flatten()
         .flatten()
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .expect("qlive .deb missing in target/debian: run `make deb`");
+        .expect("qlive .deb missing in target/debian: run `make deb`")
+}
+
+#[test]
+fn dpkg_upgrade_of_qemu_moves_the_guest_under_systemd() {
+    let root = repo_root();
+    let deb = qlive_deb();
     let debs = root.join("target/qemu-new/debs");
     assert!(
         debs.is_dir(),
@@ -63,15 +68,7 @@ fn dpkg_upgrade_of_qemu_moves_the_guest_under_systemd() {
 /// snippets, the docs, its maintainer scripts and the QEMU trigger.
 #[test]
 fn deb_contents() {
-    let root = repo_root();
-    let deb = std::fs::read_dir(root.join("target/debian"))
-        .ok()
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .expect("qlive .deb missing in target/debian: run `make deb`");
+    let deb = qlive_deb();
     let out = std::process::Command::new("dpkg-deb")
         .arg("-c")
         .arg(&deb)

@@ -196,29 +196,32 @@ async fn try_adopt(rec: &InstanceRecord) -> Result<Option<Arc<Instance>>, String
     }
 }
 
+/// (alive, vCPUs running, query-migrate status) of one instance.
+async fn observe_one(i: Option<&Arc<Instance>>) -> (bool, bool, Option<String>) {
+    let Some(i) = i else {
+        return (false, false, None);
+    };
+    let running = i.qmp.status().await.map(|x| x.0).unwrap_or(false);
+    let migration = i
+        .qmp
+        .execute_raw("query-migrate", None)
+        .await
+        .ok()
+        .and_then(|v| v["status"].as_str().map(String::from));
+    (true, running, migration)
+}
+
 async fn observe(src: Option<&Arc<Instance>>, dst: Option<&Arc<Instance>>) -> Observed {
-    let mut o = Observed::default();
-    if let Some(s) = src {
-        o.src_alive = true;
-        o.src_running = s.qmp.status().await.map(|x| x.0).unwrap_or(false);
-        o.src_migration = s
-            .qmp
-            .execute_raw("query-migrate", None)
-            .await
-            .ok()
-            .and_then(|v| v["status"].as_str().map(String::from));
+    let (src_alive, src_running, src_migration) = observe_one(src).await;
+    let (dst_alive, dst_running, dst_migration) = observe_one(dst).await;
+    Observed {
+        src_alive,
+        src_running,
+        src_migration,
+        dst_alive,
+        dst_running,
+        dst_migration,
     }
-    if let Some(d) = dst {
-        o.dst_alive = true;
-        o.dst_running = d.qmp.status().await.map(|x| x.0).unwrap_or(false);
-        o.dst_migration = d
-            .qmp
-            .execute_raw("query-migrate", None)
-            .await
-            .ok()
-            .and_then(|v| v["status"].as_str().map(String::from));
-    }
-    o
 }
 
 /// Finish an interrupted migration by the rules of
