@@ -10,7 +10,7 @@ SUDO=""
 
 missing=0
 # qemu-system-x86 7.2 is Debian 12's own QEMU: the "old" hypervisor.
-for cmd in qemu-system-x86_64 qemu-img cpio gcc ip unshare nsenter pkg-config systemctl; do
+for cmd in qemu-system-x86_64 qemu-img cpio gcc ip unshare nsenter pkg-config systemctl python3 pgrep; do
   command -v "$cmd" >/dev/null 2>&1 || missing=1
 done
 [ -e /usr/share/seabios/bios-256k.bin ] || missing=1
@@ -29,7 +29,7 @@ if [ "$missing" = 1 ]; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 -q install -y \
     --no-install-recommends --allow-downgrades \
     qemu-system-x86 "$utils" seabios ipxe-qemu cpio gcc libc6-dev iproute2 util-linux kmod xz-utils \
-    libsystemd-dev pkg-config systemd
+    libsystemd-dev pkg-config systemd python3 procps
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

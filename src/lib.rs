@@ -8,9 +8,12 @@
 //! - [`domain`]: the validated definition, the on-disk store, the domain table.
 //! - [`instance`]: one QEMU process: paths, command line, spawn/adopt/kill, owned fds.
 //! - [`qmp`]: QMP client on top of the `qapi` crate, tolerant of newer QEMUs.
-//! - [`console`]: the per-domain console log and live stream.
-//! - [`api`]: the request/response protocol and the socket server plumbing.
-//! - [`agent`]: daemon wiring: config, startup re-adoption, request handling.
+//! - [`console`]: the per-domain console log and its live follower.
+//! - [`migration`]: phases, job, capability table, hooks, recovery rules.
+//! - [`upgrade`]: stale detection and batch upgrade runs.
+//! - [`api`]: the request/response protocol and the client.
+//! - [`agent`]: the daemon: config, socket server, startup re-adoption and
+//!   recovery, request handling, the migration driver, systemd glue.
 //! - [`cli`]: client subcommands and their output.
 
 pub mod agent;

@@ -590,7 +590,9 @@ impl Agent {
         let (overhead, stats) = match result {
             Ok(v) => v,
             Err(e) => {
-                tracing::warn!(domain = %dom.name, error = %error_chain(&e), "migration failed; keeping the source");
+                // The cause goes in the message text too: journald shows fields
+                // only with -o verbose.
+                tracing::warn!(domain = %dom.name, "migration failed; keeping the source: {}", error_chain(&e));
                 self.migration_failed(&mut m, src_was_running).await;
                 return Err(mig_err(e));
             }

@@ -362,6 +362,12 @@ impl Agent {
                     let record = record.clone();
                     self.kill_unreachable(&dom.name, record).await;
                     self.remove_status(&dom.name);
+                    // A kept job file describes instances that are now gone;
+                    // left behind it would make a later recovery act on them.
+                    let job = crate::migration::phase::job_path(
+                        &crate::instance::paths::domain_run_dir(&self.cfg.run_dir, &dom.name),
+                    );
+                    let _ = crate::migration::phase::JobFile::remove(&job);
                     st.run = Run::ShutOff {
                         reason: "destroyed".into(),
                     };

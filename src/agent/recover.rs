@@ -5,7 +5,7 @@
 //! - a status file names the instance that was running; it is adopted if
 //!   its process still exists with the recorded start time (a reused pid is
 //!   rejected), its guest RAM memfd is recovered from the process, and QMP
-//!   and the console are reconnected;
+//!   is reconnected (the console needs nothing: QEMU appends to its log);
 //! - an instance that is gone is recorded as shut off with the reason, and
 //!   its paths are removed;
 //! - an instance directory with no status file is a QEMU the agent spawned

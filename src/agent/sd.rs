@@ -41,6 +41,12 @@ pub fn activated_listener() -> Option<std::os::unix::net::UnixListener> {
         if matches!(is_unix, Ok(true)) {
             // SAFETY: systemd passed us this fd; we take ownership once.
             let l = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+            // Passed fds come without FD_CLOEXEC: keep it out of hooks and
+            // probe children.
+            let _ = nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            );
             return Some(l);
         }
         tracing::warn!(

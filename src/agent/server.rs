@@ -121,7 +121,7 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> std::io::Result<()
         let resp = match agent.handle(req).await {
             Ok(v) => Response::ok(v),
             Err(e) => {
-                tracing::info!(op, error = %super::error_chain(&e), "request failed");
+                tracing::info!(op, "request failed: {}", super::error_chain(&e));
                 Response::err(e.to_api())
             }
         };

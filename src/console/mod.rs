@@ -10,7 +10,8 @@
 //! byte whose socket write returned EAGAIN as if the write had failed for
 //! good, then the serial device retries it and it is logged again: a
 //! doubled byte in the log whenever the reading client stalls for ~30 ms
-//! (reproduced with QEMU 7.2 and 10.0; see docs/architecture.md).
+//! (confirmed with strace on QEMU 7.2; 10.0 has the same code; see
+//! docs/architecture.md).
 //!
 //! For live viewing the agent follows the file (inotify) and fans new
 //! bytes out to `qlive console` clients through a [`ConsoleHub`].

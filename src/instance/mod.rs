@@ -134,7 +134,7 @@ pub fn log_tail(path: &Path) -> String {
     }
 }
 
-/// Start QEMU paused (`-S`). The caller connects the console, records the
+/// Start QEMU paused (`-S`). The caller records the
 /// instance, then sends `cont` (or migrates into it). On any error nothing
 /// is left: the process is killed and the instance directory removed.
 pub async fn spawn(spec: SpawnSpec<'_>) -> Result<Instance, InstanceError> {

@@ -4,8 +4,10 @@
 //! STATUS= lines to systemd, and JSON lines for fleet tools.
 //!
 //! Exit codes: 0 every selected domain upgraded (or, with --dry-run, passed
-//! the preflight); 1 some failed (their sources still run); 2 usage error or
-//! the agent could not be reached.
+//! the preflight); 1 some failed (their sources still run), or with --stale
+//! some running domain could not be checked; 2 usage error, or the agent
+//! could not be reached (at the start or during the run: then some outcomes
+//! are unknown).
 
 use crate::api::client::{self, ClientError};
 use crate::api::Request;
@@ -45,20 +47,30 @@ fn sd_status(msg: &str) {
     let _ = systemd::daemon::notify([(systemd::daemon::STATE_STATUS, msg)].iter());
 }
 
-/// The domains to upgrade, in a stable order.
-async fn select(socket: &Path, o: &Options) -> Result<Vec<String>, UpgradeError> {
+/// The domains to upgrade, in a stable order, and (with --stale) the
+/// running domains whose staleness could not be determined.
+async fn select(
+    socket: &Path,
+    o: &Options,
+) -> Result<(Vec<String>, Vec<(String, String)>), UpgradeError> {
     if !o.names.is_empty() {
-        return Ok(o.names.clone());
+        return Ok((o.names.clone(), vec![]));
     }
     if o.stale {
         let v = client::call(socket, &Request::Stale {}).await?;
-        return Ok(v
-            .as_array()
-            .into_iter()
-            .flatten()
+        let doms = v.as_array().cloned().unwrap_or_default();
+        let name = |d: &Value| d["name"].as_str().unwrap_or("?").to_string();
+        let stale = doms
+            .iter()
             .filter(|d| d["stale"] == true)
-            .filter_map(|d| d["name"].as_str().map(String::from))
-            .collect());
+            .map(name)
+            .collect();
+        let unchecked = doms
+            .iter()
+            .filter(|d| !d["error"].is_null())
+            .map(|d| (name(d), d["error"].as_str().unwrap_or("").to_string()))
+            .collect();
+        return Ok((stale, unchecked));
     }
     if o.all {
         let v = client::call(socket, &Request::List {}).await?;
@@ -68,7 +80,8 @@ async fn select(socket: &Path, o: &Options) -> Result<Vec<String>, UpgradeError>
             .flatten()
             .filter(|d| d["domid"].is_u64() && d["state"] != "unreachable")
             .filter_map(|d| d["name"].as_str().map(String::from))
-            .collect());
+            .collect::<Vec<_>>())
+        .map(|v| (v, vec![]));
     }
     Err(UpgradeError::NothingSelected)
 }
@@ -121,7 +134,10 @@ async fn run_inner(socket: &Path, o: Options) -> Result<i32, UpgradeError> {
         return Err(UpgradeError::BadParallel);
     }
     let t0 = Instant::now();
-    let names = select(socket, &o).await?;
+    let (names, unchecked) = select(socket, &o).await?;
+    for (n, why) in &unchecked {
+        eprintln!("qlive upgrade: {n}: could not tell whether it is stale, not upgraded: {why}");
+    }
     let total = names.len();
     sd_status(&format!(
         "upgrading {total} domain(s), {} at a time",
@@ -157,6 +173,7 @@ async fn run_inner(socket: &Path, o: Options) -> Result<i32, UpgradeError> {
                 }
             };
             let res = client::call(&socket, &req).await;
+            let agent_lost = matches!(&res, Err(e) if e.api_kind().is_none());
             let mut line = match res {
                 Ok(v) if dry_run && v["ok"] == true => {
                     json!({"name": name, "result": "ok", "from": v["from"], "to": v["to"]})
@@ -171,13 +188,16 @@ async fn run_inner(socket: &Path, o: Options) -> Result<i32, UpgradeError> {
                 Err(e) => json!({"name": name, "result": "failed", "error": crate::agent::error_chain(&e)}),
             };
             line["wall_ms"] = json!(t.elapsed().as_millis() as u64);
-            line
+            (line, agent_lost)
         });
     }
-    let (mut ok, mut failed) = (0usize, Vec::new());
+    let (mut ok, mut failed, mut agent_lost) = (0usize, Vec::new(), false);
     while let Some(done) = set.join_next().await {
         let line = match done {
-            Ok(l) => l,
+            Ok((l, lost)) => {
+                agent_lost |= lost;
+                l
+            }
             Err(e) => json!({"name": "?", "result": "failed", "error": e.to_string()}),
         };
         if line["result"] == "success" || line["result"] == "ok" {
@@ -206,7 +226,8 @@ async fn run_inner(socket: &Path, o: Options) -> Result<i32, UpgradeError> {
         println!(
             "{}",
             json!({"summary": {"selected": total, "succeeded": ok, "failed": failed.len(),
-                "failed_domains": failed, "dry_run": o.dry_run, "parallel": o.parallel, "wall_ms": wall_ms}})
+                "failed_domains": failed, "dry_run": o.dry_run, "parallel": o.parallel, "wall_ms": wall_ms,
+                "unchecked": unchecked.iter().map(|u| &u.0).collect::<Vec<_>>()}})
         );
     } else if failed.is_empty() {
         println!("{ok}/{total} {verb} in {wall_ms} ms");
@@ -220,7 +241,10 @@ async fn run_inner(socket: &Path, o: Options) -> Result<i32, UpgradeError> {
         "done: {ok}/{total} {verb}, {} failed",
         failed.len()
     ));
-    Ok(if failed.is_empty() {
+    Ok(if agent_lost {
+        // Some outcomes are unknown: that is an agent error, not a verdict.
+        EXIT_USAGE
+    } else if failed.is_empty() && unchecked.is_empty() {
         EXIT_OK
     } else {
         EXIT_SOME_FAILED
