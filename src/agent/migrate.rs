@@ -273,23 +273,7 @@ impl Mig {
     /// `migrate_cancel` and wait (bounded) for the source to leave the
     /// migration: it then runs again if it ran before.
     async fn cancel_outgoing(&self) {
-        let mut events = self.src.qmp.subscribe();
-        if let Err(e) = self.src.qmp.execute(qapi::qmp::migrate_cancel {}).await {
-            tracing::warn!(error = %e, "migrate_cancel");
-        }
-        let wait = async {
-            while let Ok(ev) = events.recv().await {
-                if ev.name == "MIGRATION"
-                    && matches!(
-                        ev.data["status"].as_str(),
-                        Some("cancelled" | "failed" | "completed")
-                    )
-                {
-                    break;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(10), wait).await;
+        crate::migration::cancel_outgoing(&self.src.qmp).await;
     }
 
     /// Finish: the incoming side completed; prove the source stopped; cont.
@@ -684,9 +668,7 @@ impl Agent {
         let hook_env = m.hook_env();
         self.table().take_remote(&m.dom.name);
         if let Some(dst) = m.dst.take() {
-            dst.set_exit_intent("migration failed");
-            let _ = dst.pidfd.kill_and_wait(KILL_GRACE).await;
-            instance::cleanup_paths(&dst.record.paths);
+            dst.kill("migration failed", KILL_GRACE).await;
         } else if let Some(p) = &m.dst_paths {
             instance::cleanup_paths(p);
         }

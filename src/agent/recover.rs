@@ -291,11 +291,7 @@ async fn recover_migration(agent: &Arc<Agent>, dom: &Arc<Domain>, job: JobFile) 
         dst_pid: dst_rec.as_ref().map(|d| d.process.pid),
         emulator: job.target_emulator.clone(),
     };
-    let kill = |i: Arc<Instance>, why: &'static str| async move {
-        i.set_exit_intent(why);
-        let _ = i.pidfd.kill_and_wait(Duration::from_secs(10)).await;
-        instance::cleanup_paths(&i.record.paths);
-    };
+    const KILL_WAIT: Duration = Duration::from_secs(10);
     let result = match decision {
         Decision::KeepSource { cancel_migration } => {
             let Some(src) = src else {
@@ -303,19 +299,17 @@ async fn recover_migration(agent: &Arc<Agent>, dom: &Arc<Domain>, job: JobFile) 
                 return Adopted::Nothing;
             };
             if cancel_migration {
-                let _ = src.qmp.execute(qapi::qmp::migrate_cancel {}).await;
+                crate::migration::cancel_outgoing(&src.qmp).await;
             }
             // The destination dies first: then resuming the source is safe.
             if let Some(d) = dst {
-                kill(d, "migration recovered: source kept").await;
+                d.kill("migration recovered: source kept", KILL_WAIT).await;
             }
             if let Some(p) = &dst_paths {
                 kill_unrecorded(&dom.name, &p.dir).await;
                 instance::cleanup_paths(p);
             }
-            if cancel_migration {
-                wait_migration_settled(&src).await;
-            }
+
             // Only if a destination existed (prepare hooks may have run).
             if dst_paths.is_some() {
                 hooks::release(&agent.cfg.hooks_dir, &hook_env).await;
@@ -334,7 +328,8 @@ async fn recover_migration(agent: &Arc<Agent>, dom: &Arc<Domain>, job: JobFile) 
             };
             // The source must be gone before the destination runs.
             if let Some(s) = src {
-                kill(s, "migration recovered: destination kept").await;
+                s.kill("migration recovered: destination kept", KILL_WAIT)
+                    .await;
             } else {
                 instance::cleanup_paths(&src_rec.paths);
             }
@@ -355,7 +350,7 @@ async fn recover_migration(agent: &Arc<Agent>, dom: &Arc<Domain>, job: JobFile) 
         }
         Decision::Lost(reason) => {
             for i in [src, dst].into_iter().flatten() {
-                kill(i, "migration recovery: guest lost").await;
+                i.kill("migration recovery: guest lost", KILL_WAIT).await;
             }
             agent.remove_status(&dom.name);
             dom.state.lock().await.run = Run::ShutOff { reason };
@@ -380,22 +375,6 @@ async fn unreachable_lost(dom: &Arc<Domain>, agent: &Arc<Agent>) {
     dom.state.lock().await.run = Run::ShutOff {
         reason: "migration recovery found no instance to keep".into(),
     };
-}
-
-/// After migrate_cancel: wait (bounded) until the source leaves the
-/// migration states, so that `cont` is accepted.
-async fn wait_migration_settled(src: &Instance) {
-    for _ in 0..100 {
-        let st = src.qmp.execute_raw("query-migrate", None).await.ok();
-        let s = st
-            .as_ref()
-            .and_then(|v| v["status"].as_str())
-            .unwrap_or("none");
-        if !recovery::migrating(Some(s)) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Kill the QEMU whose pidfile is in `dir`, if the process there really is

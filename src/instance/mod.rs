@@ -370,6 +370,16 @@ impl Instance {
             .clone()
     }
 
+    /// SIGKILL now (never ran the guest, or must not run it any more), wait
+    /// for the exit, remove the paths. `why` becomes the recorded reason.
+    pub async fn kill(&self, why: impl Into<String>, timeout: Duration) {
+        self.set_exit_intent(why);
+        if let Err(e) = self.pidfd.kill_and_wait(timeout).await {
+            tracing::error!(pid = self.pid(), error = %e, "killing QEMU");
+        }
+        cleanup_paths(&self.record.paths);
+    }
+
     /// Ask QEMU to quit, SIGKILL if it has not exited within `grace`, and
     /// wait for the exit. Paths are removed afterwards.
     pub async fn terminate(&self, grace: Duration) -> Result<(), InstanceError> {

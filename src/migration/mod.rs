@@ -32,6 +32,28 @@ use crate::instance::InstanceError;
 use crate::qmp::QmpError;
 use std::path::PathBuf;
 
+/// `migrate_cancel` on the source, then wait (bounded) for its MIGRATION
+/// event saying the migration ended, so that it runs again (or can be
+/// resumed). Returns at once if no migration is in flight.
+pub async fn cancel_outgoing(src: &crate::qmp::Qmp) {
+    let mut events = src.subscribe();
+    if let Err(e) = src.execute(qapi::qmp::migrate_cancel {}).await {
+        tracing::warn!(error = %e, "migrate_cancel");
+    }
+    let status = src.execute_raw("query-migrate", None).await.ok();
+    if !recovery::migrating(status.as_ref().and_then(|v| v["status"].as_str())) {
+        return;
+    }
+    let settled = async {
+        while let Ok(ev) = events.recv().await {
+            if ev.name == "MIGRATION" && !recovery::migrating(ev.data["status"].as_str()) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), settled).await;
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
     #[error("preflight of target emulator {emulator}: {reason}")]
