@@ -179,6 +179,7 @@ impl Direct {
             console_log: &self.log,
             mode,
             ram: ram.clone(),
+            taps: Default::default(),
             data_dirs: &[],
         })
         .await

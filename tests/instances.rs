@@ -39,6 +39,7 @@ async fn two_instances_of_one_domain_do_not_clash() {
         console_log: &log,
         mode,
         ram: ram.clone(),
+        taps: Default::default(),
         data_dirs: &[],
     };
     // Kills both QEMUs even if an assertion below panics.

@@ -119,6 +119,7 @@ impl Mig {
             dst_domid: self.dst_domid.unwrap_or(0),
             dst_pid: self.dst.as_ref().map(|d| d.pid()),
             emulator: self.target.clone(),
+            nics: hooks::nics_of(&self.def),
         }
     }
 
@@ -126,7 +127,10 @@ impl Mig {
     /// `-incoming defer` on the same memfd, capabilities, hooks,
     /// `migrate-incoming`, remote table.
     async fn prepare(&mut self) -> Result<broadcast::Receiver<QmpEvent>, MigrationError> {
-        let info = self.agent.preflight(&self.def, &self.target).await?;
+        let info = self
+            .agent
+            .preflight(&self.def, &self.target, &self.src.record)
+            .await?;
         let target = self.target.clone();
         let preflight = move |reason: String| MigrationError::Preflight {
             emulator: target.clone(),
@@ -156,6 +160,7 @@ impl Mig {
             console_log: &console_log,
             mode: StartMode::Incoming,
             ram: self.src.ram.clone(),
+            taps: self.src.taps.clone(),
             data_dirs: &info.data_dirs,
         })
         .await
@@ -365,6 +370,7 @@ impl Agent {
         &self,
         def: &Definition,
         target: &std::path::Path,
+        src: &crate::instance::InstanceRecord,
     ) -> Result<Arc<crate::instance::probe::EmulatorInfo>, MigrationError> {
         let fail = |reason: String| MigrationError::Preflight {
             emulator: target.to_path_buf(),
@@ -389,6 +395,7 @@ impl Agent {
                 )));
             }
         }
+        crate::migration::devices::preflight_disks(def, &src.disks).map_err(fail)?;
         Ok(info)
     }
 
@@ -419,7 +426,7 @@ impl Agent {
                 dom.name
             )));
         };
-        let verdict = self.preflight(&def, &target).await;
+        let verdict = self.preflight(&def, &target, &rec).await;
         Ok(json!({
             "name": dom.name,
             "domid": rec.domid,

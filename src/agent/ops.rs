@@ -62,6 +62,10 @@ impl Agent {
             }
         })?;
         let uuid = *def.uuid.get_or_insert_with(uuid::Uuid::new_v4);
+        def.assign_nic_defaults(|| {
+            let b = *uuid::Uuid::new_v4().as_bytes();
+            [b[0], b[1], b[2]]
+        });
         let mut table = self.table();
         table.check_free(&def.name, uuid)?;
         if self.store.exists(&def.name)? {
@@ -179,6 +183,20 @@ impl Agent {
                 source: e.into(),
             })?,
         );
+        // The taps live as long as this run of the domain: every instance
+        // gets the same fds, so a migration never recreates the device.
+        let mut taps = Vec::with_capacity(st.def.nics.len());
+        for n in &st.def.nics {
+            let tap =
+                crate::instance::tap::Tap::open(n.tap(), n.bridge.as_deref()).map_err(|e| {
+                    AgentError::Start {
+                        name: dom.name.clone(),
+                        source: e.into(),
+                    }
+                })?;
+            taps.push(tap);
+        }
+        let taps = Arc::new(taps);
         let domid = self.domids.allocate()?;
         let paths = InstancePaths::new(&self.cfg.run_dir, &dom.name, domid);
         let console_log = self.console_log(&dom.name);
@@ -191,6 +209,7 @@ impl Agent {
             console_log: &console_log,
             mode: StartMode::Boot,
             ram,
+            taps,
             data_dirs: &info.data_dirs,
         })
         .await
@@ -455,6 +474,8 @@ impl Agent {
             "accel": def.accel,
             "vcpus": def.vcpus,
             "memory_mib": def.memory_mib,
+            "disks": def.disks,
+            "nics": def.nics,
             "console_log": self.console_log(&dom.name),
             "job": st.job.as_ref().map(|j| j.to_json()),
         });

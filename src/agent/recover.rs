@@ -290,6 +290,7 @@ async fn recover_migration(agent: &Arc<Agent>, dom: &Arc<Domain>, job: JobFile) 
         dst_domid: dst_domid.unwrap_or(0),
         dst_pid: dst_rec.as_ref().map(|d| d.process.pid),
         emulator: job.target_emulator.clone(),
+        nics: crate::migration::hooks::nics_of(&dom.state.lock().await.def),
     };
     const KILL_WAIT: Duration = Duration::from_secs(10);
     let result = match decision {

@@ -15,6 +15,9 @@ pub const MIN_MEMORY_MIB: u64 = 16;
 pub const MAX_MEMORY_MIB: u64 = 4 * 1024 * 1024;
 pub const MAX_VCPUS: u32 = 255;
 pub const MAX_DISKS: usize = 16;
+pub const MAX_NICS: usize = 8;
+/// Linux interface names are at most IFNAMSIZ-1 bytes.
+pub const MAX_IFNAME: usize = 15;
 pub const MAX_CMDLINE: usize = 4096;
 pub const MAX_EXTRA_ARGS: usize = 64;
 
@@ -162,6 +165,61 @@ pub struct Disk {
     pub aio: DiskAio,
 }
 
+/// A network card: virtio-net on a tap device the agent opens and owns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Nic {
+    /// Guest-visible MAC address (guest ABI): generated at define when
+    /// absent (`52:54:00:xx:xx:xx`), then stored and never changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Host tap device name. Created by the agent at start (or attached,
+    /// if an admin created it persistent); generated at define when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    /// Bridge the agent attaches the tap to at start; none = the host's
+    /// own setup (hooks, networkd) takes care of the tap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+}
+
+impl Nic {
+    /// The MAC (always set once the definition was stored).
+    pub fn mac(&self) -> &str {
+        self.mac.as_deref().unwrap_or("")
+    }
+    pub fn tap(&self) -> &str {
+        self.tap.as_deref().unwrap_or("")
+    }
+}
+
+/// `[A-Za-z0-9_.-]{1,15}`, not `.`/`..`: a usable Linux interface name.
+pub fn valid_ifname(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= MAX_IFNAME
+        && n != "."
+        && n != ".."
+        && n.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// `xx:xx:xx:xx:xx:xx` (hex, either case), unicast and not all zero.
+pub fn parse_mac(m: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = m.split(':');
+    for b in out.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    if parts.next().is_some() || out[0] & 1 != 0 || out == [0; 6] {
+        return None;
+    }
+    Some(out)
+}
+
 fn default_machine() -> String {
     "q35".to_string()
 }
@@ -198,6 +256,8 @@ pub struct Definition {
     pub cmdline: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<Disk>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<Nic>,
     /// Escape hatch: extra QEMU arguments appended verbatim. Not validated
     /// beyond refusing the options qlive controls; the user owns the result.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -386,6 +446,51 @@ impl Definition {
                 ));
             }
         }
+        if self.nics.len() > MAX_NICS {
+            return Err(DefinitionError::invalid(
+                "nics",
+                format!("at most {MAX_NICS} NICs (got {})", self.nics.len()),
+            ));
+        }
+        for (i, n) in self.nics.iter().enumerate() {
+            if let Some(m) = &n.mac {
+                if parse_mac(m).is_none() {
+                    return Err(DefinitionError::invalid(
+                        format!("nics[{i}].mac"),
+                        format!("must be a unicast MAC like 52:54:00:12:34:56 (got {m:?})"),
+                    ));
+                }
+                if let Some(j) = self.nics[..i].iter().position(|o| {
+                    o.mac.as_deref().map(str::to_ascii_lowercase) == Some(m.to_ascii_lowercase())
+                }) {
+                    return Err(DefinitionError::invalid(
+                        format!("nics[{i}].mac"),
+                        format!("same MAC as nics[{j}]"),
+                    ));
+                }
+            }
+            for (what, v) in [("tap", &n.tap), ("bridge", &n.bridge)] {
+                if let Some(v) = v {
+                    if !valid_ifname(v) {
+                        return Err(DefinitionError::invalid(
+                            format!("nics[{i}].{what}"),
+                            format!("must be an interface name of 1 to {MAX_IFNAME} characters from [A-Za-z0-9_.-] (got {v:?})"),
+                        ));
+                    }
+                }
+            }
+            if let Some(t) = &n.tap {
+                if let Some(j) = self.nics[..i]
+                    .iter()
+                    .position(|o| o.tap.as_ref() == Some(t))
+                {
+                    return Err(DefinitionError::invalid(
+                        format!("nics[{i}].tap"),
+                        format!("same tap as nics[{j}]"),
+                    ));
+                }
+            }
+        }
         if self.extra_args.len() > MAX_EXTRA_ARGS {
             return Err(DefinitionError::invalid(
                 "extra_args",
@@ -414,6 +519,34 @@ impl Definition {
             }
         }
         Ok(())
+    }
+
+    /// Fill in what define generates: MACs and tap names. `uuid` must be
+    /// set first (tap names derive from it, so they are stable and unique
+    /// per domain).
+    pub fn assign_nic_defaults(&mut self, rand: impl Fn() -> [u8; 3]) {
+        let tag = self
+            .uuid
+            .map(|u| u.simple().to_string()[..8].to_string())
+            .unwrap_or_default();
+        let mut taken: Vec<String> = self
+            .nics
+            .iter()
+            .filter_map(|n| n.mac.as_deref().map(str::to_ascii_lowercase))
+            .collect();
+        for (i, n) in self.nics.iter_mut().enumerate() {
+            if n.tap.is_none() {
+                n.tap = Some(format!("qlv{tag}n{i}"));
+            }
+            while n.mac.is_none() {
+                let r = rand();
+                let m = format!("52:54:00:{:02x}:{:02x}:{:02x}", r[0], r[1], r[2]);
+                if !taken.contains(&m) {
+                    taken.push(m.clone());
+                    n.mac = Some(m);
+                }
+            }
+        }
     }
 
     pub fn memory_bytes(&self) -> u64 {
@@ -509,6 +642,48 @@ mod tests {
         assert!(!valid_name(".."));
         assert!(!valid_name(&"a".repeat(65)));
         assert!(valid_name(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn nics_validated_and_defaults_assigned() {
+        let mut v = base();
+        v["nics"] = serde_json::json!([{"mac": "53:54:00:00:00:01"}]);
+        assert!(err(v).contains("nics[0].mac"));
+        let mut v = base();
+        v["nics"] = serde_json::json!([{"tap": "a/b"}]);
+        assert!(err(v).contains("nics[0].tap"));
+        let mut v = base();
+        v["nics"] = serde_json::json!([{"tap": "t0"}, {"tap": "t0"}]);
+        assert!(err(v).contains("same tap as nics[0]"));
+        let mut v = base();
+        v["nics"] = serde_json::json!([{"bridge": "waytoolongbridge0"}]);
+        assert!(err(v).contains("nics[0].bridge"));
+        let mut v = base();
+        v["nics"] = serde_json::json!([{"mac": "52:54:00:AA:00:01"}, {}, {}]);
+        let mut d = Definition::from_value(&v).unwrap();
+        d.uuid = Some(Uuid::parse_str("1a2b3c4d-0000-4000-8000-000000000000").unwrap());
+        let seq = std::cell::Cell::new(0u8);
+        // a generator that first repeats the user's MAC: must be skipped
+        d.assign_nic_defaults(|| {
+            seq.set(seq.get() + 1);
+            if seq.get() == 1 {
+                [0xaa, 0, 1]
+            } else {
+                [seq.get(), 0, 0]
+            }
+        });
+        assert_eq!(d.nics[0].mac(), "52:54:00:AA:00:01");
+        assert_eq!(d.nics[1].mac(), "52:54:00:02:00:00");
+        assert_eq!(d.nics[2].mac(), "52:54:00:03:00:00");
+        assert_eq!(d.nics[1].tap(), "qlv1a2b3c4dn1");
+        d.validate().unwrap();
+        assert_eq!(
+            parse_mac("52:54:00:aa:00:01"),
+            Some([0x52, 0x54, 0, 0xaa, 0, 1])
+        );
+        assert_eq!(parse_mac("00:00:00:00:00:00"), None);
+        assert_eq!(parse_mac("52:54:00:aa:00"), None);
+        assert_eq!(parse_mac("52:54:00:aa:00:01:02"), None);
     }
 
     #[test]

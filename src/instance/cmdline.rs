@@ -111,6 +111,23 @@ pub fn build(
             a.push(arg);
         }
     }
+    for (i, n) in def.nics.iter().enumerate() {
+        // The tap is the agent's fd, inherited at a fixed number: QEMU
+        // never opens or configures the device by name. No option ROM:
+        // qlive boots kernels and disks, and a ROM whose size changes
+        // between QEMU builds would make the migration stream incompatible.
+        // No vnet header: see crate::instance::tap for why.
+        a.push("-netdev".into());
+        a.push(format!(
+            "tap,id=qlive-net{i},fd={},vhost=off",
+            crate::instance::tap::FIRST_TAP_FD + i as i32
+        ));
+        a.push("-device".into());
+        a.push(format!(
+            "virtio-net-pci,netdev=qlive-net{i},id=net{i},mac={},romfile=",
+            n.mac()
+        ));
+    }
     let mut push = |s: &[&str]| a.extend(s.iter().map(|x| x.to_string()));
     push(&["-pidfile", &paths.pid.to_string_lossy(), "-daemonize", "-S"]);
     if mode == StartMode::Incoming {
@@ -161,6 +178,7 @@ mod tests {
             "name": "vm", "emulator": "/usr/bin/qemu-system-x86_64", "memory_mib": 512,
             "kernel": "/k", "cmdline": "console=ttyS0",
             "disks": [{"path": "/img,with,commas.qcow2", "format": "qcow2"}],
+            "nics": [{"mac": "52:54:00:00:00:01", "tap": "t0"}, {"mac": "52:54:00:00:00:02", "tap": "t1"}],
             "extra_args": ["-device", "virtio-rng-pci"],
         }))
         .unwrap()
@@ -192,6 +210,9 @@ mod tests {
         assert!(!j.contains("-incoming"));
         // extra args come last, verbatim
         assert_eq!(&a[a.len() - 2..], ["-device", "virtio-rng-pci"]);
+        // taps are inherited fds after guest RAM, in NIC order
+        assert!(j.contains("-netdev tap,id=qlive-net0,fd=4,vhost=off -device virtio-net-pci,netdev=qlive-net0,id=net0,mac=52:54:00:00:00:01,romfile="), "{j}");
+        assert!(j.contains("tap,id=qlive-net1,fd=5,"), "{j}");
         // the JSON blockdev keeps the comma path intact
         assert!(j.contains(r#""filename":"/img,with,commas.qcow2""#), "{j}");
     }

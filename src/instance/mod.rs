@@ -13,6 +13,8 @@ pub mod memory;
 pub mod paths;
 pub mod probe;
 pub mod process;
+pub mod sandbox;
+pub mod tap;
 
 use crate::domain::Definition;
 use crate::fsutil;
@@ -27,6 +29,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use tap::{Tap, TapError, FIRST_TAP_FD};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
@@ -66,6 +69,29 @@ pub enum InstanceError {
     },
     #[error("guest RAM")]
     Memory(#[from] memory::MemoryError),
+    #[error("network")]
+    Tap(#[from] TapError),
+}
+
+/// Which file a disk path named when an instance opened it: preflight
+/// refuses to move a guest whose image path now names another file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskId {
+    pub path: PathBuf,
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl DiskId {
+    pub fn of(path: &Path) -> io::Result<DiskId> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(DiskId {
+            path: path.to_path_buf(),
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
 }
 
 /// What the agent persists about a running instance (in the domain's
@@ -87,6 +113,12 @@ pub struct InstanceRecord {
     /// detection compares against.
     #[serde(default)]
     pub loaded: Vec<crate::upgrade::stale::FileId>,
+    /// Tap names, NIC `i` at fd `FIRST_TAP_FD + i` in the process.
+    #[serde(default)]
+    pub taps: Vec<String>,
+    /// The disk images as the instance opened them.
+    #[serde(default)]
+    pub disks: Vec<DiskId>,
 }
 
 /// A live instance held by the agent.
@@ -95,6 +127,8 @@ pub struct Instance {
     pub qmp: Arc<Qmp>,
     pub pidfd: Arc<Pidfd>,
     pub ram: Arc<GuestRam>,
+    /// The domain's taps, shared with every instance like `ram`.
+    pub taps: Arc<Vec<Tap>>,
     /// Why the agent itself is ending this instance (stop, destroy), so
     /// whoever notices the exit first records the right reason.
     exit_intent: std::sync::Mutex<Option<String>>,
@@ -110,6 +144,7 @@ pub struct SpawnSpec<'a> {
     pub console_log: &'a Path,
     pub mode: StartMode,
     pub ram: Arc<GuestRam>,
+    pub taps: Arc<Vec<Tap>>,
     /// The emulator's firmware search path (from the probe), to resolve the
     /// firmware files the instance loads.
     pub data_dirs: &'a [PathBuf],
@@ -187,24 +222,39 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
         path: paths.log.clone(),
         source,
     })?;
-    let ram_fd = spec.ram.raw_fd();
+    // (fd in the agent, fd number in QEMU): guest RAM, then the taps.
+    let mut fds: Vec<(i32, i32)> = vec![(spec.ram.raw_fd(), GUEST_RAM_FD)];
+    for (i, t) in spec.taps.iter().enumerate() {
+        fds.push((t.raw_fd(), FIRST_TAP_FD + i as i32));
+    }
+    let guard = sandbox::OffloadGuard::new();
     let mut cmd = std::process::Command::new(&emulator);
     cmd.args(&args)
         .stdin(std::process::Stdio::null())
         .stdout(log)
         .stderr(log2)
         .current_dir("/");
-    // SAFETY: only async-signal-safe calls (dup2/fcntl) between fork and exec.
+    // SAFETY: only async-signal-safe calls (fcntl/dup2) between fork and
+    // exec, on a Vec allocated before the fork.
     unsafe {
         cmd.pre_exec(move || {
-            if ram_fd == GUEST_RAM_FD {
-                if libc::fcntl(ram_fd, libc::F_SETFD, 0) < 0 {
+            // First move every source out of the target range (close-on-
+            // exec copies), so no dup2 overwrites a source not yet placed.
+            let mut tmp = [0i32; 16];
+            for (k, (src, _)) in fds.iter().enumerate().take(tmp.len()) {
+                let t = libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, 64);
+                if t < 0 {
                     return Err(io::Error::last_os_error());
                 }
-            } else if libc::dup2(ram_fd, GUEST_RAM_FD) < 0 {
-                return Err(io::Error::last_os_error());
+                tmp[k] = t;
             }
-            Ok(())
+            for (k, (_, dst)) in fds.iter().enumerate().take(tmp.len()) {
+                // dup2 clears close-on-exec on the target.
+                if libc::dup2(tmp[k], *dst) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            guard.install()
         });
     }
     tracing::debug!(emulator = %emulator.display(), ?args, "spawning QEMU");
@@ -249,6 +299,12 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
                 source,
             })?;
         let loaded = loaded_files(pid, &qmp, spec.data_dirs).await;
+        let disks = spec
+            .def
+            .disks
+            .iter()
+            .filter_map(|d| DiskId::of(&d.path).ok())
+            .collect();
         let record = InstanceRecord {
             domid: spec.domid,
             process,
@@ -260,6 +316,8 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
             ram_inode: spec.ram.inode(),
             started_at: now_unix(),
             loaded,
+            taps: spec.taps.iter().map(|t| t.name().to_string()).collect(),
+            disks,
         };
         Ok::<_, InstanceError>((record, qmp))
     };
@@ -269,6 +327,7 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
             qmp: Arc::new(qmp),
             pidfd: Arc::new(pidfd),
             ram: spec.ram.clone(),
+            taps: spec.taps.clone(),
             exit_intent: Default::default(),
         }),
         Err(e) => {
@@ -322,6 +381,12 @@ pub fn read_pidfile(path: &Path) -> io::Result<i32> {
 pub async fn adopt(record: InstanceRecord) -> Result<Instance, InstanceError> {
     let pidfd = Pidfd::adopt(&record.process)?;
     let ram = GuestRam::recover(record.process.pid, record.ram_inode)?;
+    let taps = record
+        .taps
+        .iter()
+        .enumerate()
+        .map(|(i, name)| Tap::recover(&pidfd, FIRST_TAP_FD + i as i32, name))
+        .collect::<Result<Vec<_>, _>>()?;
     let qmp = Qmp::connect(&record.paths.qmp)
         .await
         .map_err(|source| InstanceError::Qmp {
@@ -333,6 +398,7 @@ pub async fn adopt(record: InstanceRecord) -> Result<Instance, InstanceError> {
         qmp: Arc::new(qmp),
         pidfd: Arc::new(pidfd),
         ram: Arc::new(ram),
+        taps: Arc::new(taps),
         exit_intent: Default::default(),
     })
 }

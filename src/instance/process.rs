@@ -137,6 +137,18 @@ impl Pidfd {
         Ok(())
     }
 
+    /// Duplicate the process's fd `fd` into the agent (`pidfd_getfd`): the
+    /// same open file, not a re-open by path.
+    pub fn get_fd(&self, fd: i32) -> io::Result<OwnedFd> {
+        // SAFETY: plain syscall on an fd we own; flags must be 0.
+        let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.fd.as_raw_fd(), fd, 0) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the syscall returned a new (close-on-exec) fd we own.
+        Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+    }
+
     /// Has the process exited? (Non-blocking.)
     pub fn exited(&self) -> bool {
         let mut pfd = libc::pollfd {

@@ -9,7 +9,10 @@
 //!
 //! Called as `HOOK <domain> <phase>` with the environment QLIVE_DOMAIN,
 //! QLIVE_PHASE, QLIVE_SRC_DOMID, QLIVE_DST_DOMID, QLIVE_DST_PID,
-//! QLIVE_EMULATOR.
+//! QLIVE_EMULATOR, and for the network: QLIVE_TAPS (tap names, space
+//! separated, in NIC order) and QLIVE_NICS (`id,tap,mac,bridge` per NIC,
+//! space separated; bridge empty when the NIC names none). The taps are the
+//! very devices the guest uses now: the destination inherits them.
 
 use super::MigrationError;
 use std::os::unix::fs::PermissionsExt;
@@ -25,6 +28,46 @@ pub struct HookEnv {
     pub dst_domid: u64,
     pub dst_pid: Option<i32>,
     pub emulator: PathBuf,
+    pub nics: Vec<HookNic>,
+}
+
+/// One NIC as hooks see it.
+#[derive(Debug, Clone)]
+pub struct HookNic {
+    pub id: String,
+    pub tap: String,
+    pub mac: String,
+    pub bridge: String,
+}
+
+/// The hook view of a definition's NICs (`net0`, `net1`, ...).
+pub fn nics_of(def: &crate::domain::Definition) -> Vec<HookNic> {
+    def.nics
+        .iter()
+        .enumerate()
+        .map(|(i, n)| HookNic {
+            id: format!("net{i}"),
+            tap: n.tap().to_string(),
+            mac: n.mac().to_string(),
+            bridge: n.bridge.clone().unwrap_or_default(),
+        })
+        .collect()
+}
+
+impl HookEnv {
+    fn taps(&self) -> String {
+        let v: Vec<&str> = self.nics.iter().map(|n| n.tap.as_str()).collect();
+        v.join(" ")
+    }
+
+    fn nics(&self) -> String {
+        let v: Vec<String> = self
+            .nics
+            .iter()
+            .map(|n| format!("{},{},{},{}", n.id, n.tap, n.mac, n.bridge))
+            .collect();
+        v.join(" ")
+    }
 }
 
 /// Executable regular files in `dir`, sorted by name (none if no dir).
@@ -65,6 +108,8 @@ async fn run_one(hook: &Path, phase: &str, env: &HookEnv) -> Result<(), Migratio
             env.dst_pid.map(|p| p.to_string()).unwrap_or_default(),
         )
         .env("QLIVE_EMULATOR", &env.emulator)
+        .env("QLIVE_TAPS", env.taps())
+        .env("QLIVE_NICS", env.nics())
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     let out = tokio::time::timeout(HOOK_TIMEOUT, cmd.output())

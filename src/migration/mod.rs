@@ -22,6 +22,7 @@
 //! Each phase is persisted (atomic write + fsync) before it acts; see
 //! [`recovery`] for what a restarted agent does with each.
 
+pub mod devices;
 pub mod hooks;
 pub mod job;
 pub mod params;

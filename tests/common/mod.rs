@@ -62,6 +62,35 @@ pub struct Rig {
     pub socket: PathBuf,
     pub hooks: PathBuf,
     agent: Option<Child>,
+    /// A private network namespace the agent (and so QEMU and its taps)
+    /// runs in; it disappears with its last process and this fd.
+    netns: Option<std::os::fd::OwnedFd>,
+}
+
+/// A new network namespace, held by an fd (no name under /run/netns that
+/// could leak when a test dies). Created on a scratch thread, as unshare
+/// moves only the calling thread.
+pub fn new_netns() -> std::os::fd::OwnedFd {
+    std::thread::spawn(|| {
+        // SAFETY: unshare on this short-lived thread only.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            panic!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        }
+        std::fs::File::open("/proc/thread-self/ns/net")
+            .expect("open netns")
+            .into()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+/// Move the calling thread into `ns`.
+pub fn enter_netns(ns: &std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns on a namespace fd we hold.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        panic!("setns: {}", std::io::Error::last_os_error());
+    }
 }
 
 impl Rig {
@@ -74,6 +103,15 @@ impl Rig {
     /// A fresh agent on fresh temp dirs under `base` (benchmarks use a
     /// tmpfs, as /run is in production).
     pub fn new_in(base: &Path) -> Rig {
+        Rig::build(base, false)
+    }
+
+    /// A rig whose agent runs in a private network namespace.
+    pub fn new_netns() -> Rig {
+        Rig::build(Path::new("/tmp"), true)
+    }
+
+    fn build(base: &Path, netns: bool) -> Rig {
         let dir = tempfile::Builder::new()
             .prefix("ql")
             .tempdir_in(base)
@@ -90,6 +128,7 @@ impl Rig {
             socket,
             hooks,
             agent: None,
+            netns: netns.then(new_netns),
         };
         rig.start_agent();
         rig
@@ -119,7 +158,22 @@ impl Rig {
             .append(true)
             .open(self.agent_log())
             .expect("agent log");
-        let child = Command::new(qlive_bin())
+        let mut cmd = Command::new(qlive_bin());
+        if let Some(ns) = &self.netns {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            let fd = ns.as_raw_fd();
+            // SAFETY: setns is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .arg("agent")
             .envs(env.iter().copied())
             .env("QLIVE_HOOKS_DIR", &self.hooks)
@@ -149,6 +203,36 @@ impl Rig {
             "agent did not answer within 30 s: {}",
             self.agent_log_text()
         );
+    }
+
+    pub fn netns(&self) -> &std::os::fd::OwnedFd {
+        self.netns.as_ref().expect("rig has no network namespace")
+    }
+
+    /// Run a command (`ip ...`) in the rig's network namespace; panics
+    /// with its stderr if it fails.
+    pub fn in_netns(&self, prog: &str, args: &[&str]) -> String {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let fd = self.netns().as_raw_fd();
+        let mut cmd = Command::new(prog);
+        cmd.args(args);
+        // SAFETY: setns is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().expect("run in netns");
+        assert!(
+            out.status.success(),
+            "{prog} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     pub fn agent_pid(&self) -> Option<u32> {

@@ -541,6 +541,12 @@ static void *net_thread(void *arg)
     }
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)opt.udp_port)};
     sa.sin_addr.s_addr = htonl(INADDR_ANY);
+    /* A deep receive buffer: under TCG on a loaded host the echo thread can
+     * be off the vCPU for 100+ ms, and the default buffer (about 90
+     * datagrams at virtio-net's truesize) would drop what the tap queued. */
+    int rcvbuf = 8 << 20;
+    if (setsockopt(s, SOL_SOCKET, SO_RCVBUFFORCE, &rcvbuf, sizeof rcvbuf) != 0)
+        emit("GUEST-ERROR net SO_RCVBUFFORCE: %s", strerror(errno));
     if (bind(s, (struct sockaddr *)&sa, sizeof sa) != 0) {
         emit("GUEST-ERROR net bind udp %lu: %s", opt.udp_port, strerror(errno));
         return NULL;

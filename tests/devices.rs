@@ -1,0 +1,431 @@
+//! A guest with a qcow2 disk and a virtio-net NIC on an agent-owned tap,
+//! live-migrated ten times (7.2 -> 7.2, an agent restart, 7.2 -> 10.0,
+//! 10.0 -> 10.0) while it writes checksummed, fdatasync'd blocks and echoes
+//! one UDP datagram per millisecond from the host side of a private
+//! network namespace.
+//!
+//! Afterwards: every acknowledged disk write is verified by a fresh boot of
+//! the guest in verify mode and the image passes `qemu-img check`; lost and
+//! duplicated echoes are counted and printed (`NETSTATS`).
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::net::UdpSocket;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const GUEST_IP: &str = "10.0.0.2";
+const HOST_IP: &str = "10.0.0.1";
+const UDP_PORT: u16 = 7777;
+
+fn cmdline(extra: &str) -> String {
+    let modules = std::fs::read_to_string(repo_root().join("target/guest/modules.txt"))
+        .expect("target/guest/modules.txt: run `make guest`");
+    format!(
+        "console=ttyS0 quiet panic=-1 no_timer_check qlive.pattern_mib=16 qlive.modules={} {extra}",
+        modules.trim()
+    )
+}
+
+/// Wait for a console line starting with `prefix`; returns the line.
+fn wait_console(rig: &Rig, name: &str, prefix: &str, timeout: Duration) -> String {
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(rig.console_log(name)).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.starts_with(prefix)) {
+            return l.to_string();
+        }
+        assert!(
+            !text.contains("GUEST-ERROR"),
+            "guest error: {}",
+            tail(&text, 10)
+        );
+        assert!(
+            t0.elapsed() < timeout,
+            "no `{prefix}` on {name}'s console within {timeout:?}: {}",
+            tail(&text, 10)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The last `DISK <seq>` (acknowledged write) on the console.
+fn last_acked(rig: &Rig, name: &str) -> u64 {
+    let text = std::fs::read_to_string(rig.console_log(name)).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("DISK "))
+        .filter_map(|s| s.trim().parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+fn kv(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+}
+
+/// The host side of the echo: one datagram per millisecond, sequence
+/// numbered; counts how often each came back.
+struct Pinger {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<PingStats>,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    first_echo: Arc<std::sync::atomic::AtomicU64>,
+}
+
+struct PingStats {
+    sent: u64,
+    echoes: HashMap<u64, u32>,
+    max_gap: Duration,
+}
+
+impl Pinger {
+    fn start(rig: &Rig) -> Pinger {
+        let ns = rig.netns().try_clone().expect("dup netns fd");
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let first_echo = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+        let (stop2, sent2, first2) = (stop.clone(), sent.clone(), first_echo.clone());
+        let handle = std::thread::spawn(move || {
+            enter_netns(&ns);
+            let s = UdpSocket::bind((HOST_IP, 0)).expect("bind");
+            s.connect((GUEST_IP, UDP_PORT)).expect("connect");
+            s.set_nonblocking(true).expect("nonblocking");
+            let mut echoes: HashMap<u64, u32> = HashMap::new();
+            let mut seq = 0u64;
+            let mut buf = [0u8; 64];
+            let mut last_echo: Option<Instant> = None;
+            let mut max_gap = Duration::ZERO;
+            let t0 = Instant::now();
+            let mut stopped_at: Option<Instant> = None;
+            loop {
+                if stopped_at.is_none() && stop2.load(Ordering::Relaxed) {
+                    stopped_at = Some(Instant::now());
+                }
+                if stopped_at.is_some_and(|t| t.elapsed() > Duration::from_millis(500)) {
+                    break;
+                }
+                if stopped_at.is_none() {
+                    let mut pkt = [0u8; 32];
+                    pkt[..8].copy_from_slice(&seq.to_le_bytes());
+                    // ENOBUFS/ECONNREFUSED (no listener yet) are just losses.
+                    let _ = s.send(&pkt);
+                    seq += 1;
+                    sent2.store(seq, Ordering::Relaxed);
+                }
+                while let Ok(n) = s.recv(&mut buf) {
+                    if n >= 8 {
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(&buf[..8]);
+                        let k = u64::from_le_bytes(b);
+                        *echoes.entry(k).or_default() += 1;
+                        let now = Instant::now();
+                        if first2.load(Ordering::Relaxed) == u64::MAX {
+                            first2.store(k, Ordering::Relaxed);
+                        } else if let Some(l) = last_echo {
+                            if stopped_at.is_none() {
+                                max_gap = max_gap.max(now - l);
+                            }
+                        }
+                        last_echo = Some(now);
+                    }
+                }
+                // Absolute deadlines: one datagram per millisecond.
+                let next = t0 + Duration::from_millis(seq);
+                if let Some(d) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(d);
+                }
+            }
+            PingStats {
+                sent: seq,
+                echoes,
+                max_gap,
+            }
+        });
+        Pinger {
+            stop,
+            handle,
+            sent,
+            first_echo,
+        }
+    }
+
+    /// Wait until echoes come back; returns the first sequence counted.
+    fn wait_echoing(&self, timeout: Duration) -> u64 {
+        let t0 = Instant::now();
+        while self.first_echo.load(Ordering::Relaxed) == u64::MAX {
+            assert!(t0.elapsed() < timeout, "no UDP echo within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Count from a datagram sent after echoing started.
+        self.sent.load(Ordering::Relaxed) + 1
+    }
+
+    fn finish(self) -> PingStats {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("pinger thread")
+    }
+}
+
+fn stored_def(rig: &Rig, name: &str) -> Value {
+    let p = rig.state.join(format!("domains/{name}.json"));
+    let v: Value = serde_json::from_slice(&std::fs::read(&p).expect("stored definition"))
+        .expect("stored definition json");
+    // The store may wrap the definition in an envelope.
+    v.get("definition").cloned().unwrap_or(v)
+}
+
+#[test]
+fn disk_and_network_survive_ten_migrations_including_7_2_to_10_0() {
+    let mut rig = Rig::new_netns();
+    rig.in_netns("ip", &["link", "set", "lo", "up"]);
+    rig.in_netns("ip", &["link", "add", "br0", "type", "bridge"]);
+    rig.in_netns(
+        "ip",
+        &["addr", "add", &format!("{HOST_IP}/24"), "dev", "br0"],
+    );
+    rig.in_netns("ip", &["link", "set", "br0", "up"]);
+    let hook_log = rig.dir.path().join("hook.log");
+    rig.add_hook(
+        "10-net",
+        &format!(
+            "echo \"$QLIVE_PHASE taps=$QLIVE_TAPS nics=$QLIVE_NICS\" >> {}",
+            hook_log.display()
+        ),
+    );
+
+    let img = rig.dir.path().join("disk.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("64M")
+        .output()
+        .expect("qemu-img");
+    assert!(out.status.success(), "qemu-img create: {out:?}");
+
+    rig.define_guest(
+        "dev",
+        256,
+        json!({
+            "cmdline": cmdline(&format!(
+                "qlive.disk=/dev/vda qlive.disk_rate=200 qlive.net=1 qlive.ip={GUEST_IP}/24 qlive.udp_port={UDP_PORT}"
+            )),
+            "disks": [{"path": img, "format": "qcow2"}],
+            "nics": [{"bridge": "br0"}],
+        }),
+    );
+    let def = stored_def(&rig, "dev");
+    let tap = def["nics"][0]["tap"]
+        .as_str()
+        .expect("tap assigned at define")
+        .to_string();
+    let mac = def["nics"][0]["mac"]
+        .as_str()
+        .expect("mac assigned at define")
+        .to_string();
+    assert!(tap.starts_with("qlv") && tap.len() <= 15, "{tap}");
+
+    rig.ok(&["start", "dev"]);
+    wait_console(&rig, "dev", "NET UP", Duration::from_secs(60));
+    wait_console(&rig, "dev", "DISK 1", Duration::from_secs(30));
+    let link = rig.in_netns("ip", &["-o", "link", "show", &tap]);
+    assert!(link.contains("master br0"), "tap not on the bridge: {link}");
+
+    let pinger = Pinger::start(&rig);
+    let first = pinger.wait_echoing(Duration::from_secs(20));
+    let neigh = rig.in_netns("ip", &["neigh", "show", GUEST_IP]);
+    assert!(
+        neigh.contains(&mac.to_lowercase()),
+        "guest MAC {mac} not seen: {neigh}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    let new_qemu = new_qemu();
+    let new_qemu = new_qemu.to_str().expect("utf8");
+    let mut pauses = Vec::new();
+    let mut pids = vec![rig.info("dev")["pid"].as_i64().expect("pid")];
+    let mut marks = Vec::new();
+    for i in 1..=10 {
+        if i == 3 {
+            // The agent takes the tap back from the running QEMU.
+            rig.restart_agent();
+        }
+        let args: Vec<&str> = if i >= 5 {
+            vec!["--emulator", new_qemu]
+        } else {
+            vec![]
+        };
+        let acked_before = last_acked(&rig, "dev");
+        let m0 = pinger.sent.load(Ordering::Relaxed);
+        let r = rig.migrate("dev", &args);
+        marks.push((m0, pinger.sent.load(Ordering::Relaxed)));
+        pauses.push(r["qemu_downtime_ms"].as_f64().unwrap_or(-1.0));
+        let info = rig.info("dev");
+        let pid = info["pid"].as_i64().expect("pid");
+        assert!(
+            !pids.contains(&pid),
+            "migration {i} did not move to a new process"
+        );
+        pids.push(pid);
+        let link = rig.in_netns("ip", &["-o", "link", "show", &tap]);
+        assert!(
+            link.contains("master br0") && link.contains("UP"),
+            "migration {i}: tap changed: {link}"
+        );
+        // The guest keeps writing after every switchover.
+        let t0 = Instant::now();
+        while last_acked(&rig, "dev") <= acked_before + 20 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "migration {i}: disk writes stopped at {}",
+                last_acked(&rig, "dev")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    assert!(
+        rig.info("dev")["qemu_version"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("10."),
+        "{}",
+        rig.info("dev")
+    );
+
+    // Preflight: an image path that no longer opens is refused with the
+    // reason, before anything starts; the guest runs on.
+    let moved = rig.dir.path().join("disk.moved");
+    std::fs::rename(&img, &moved).expect("rename");
+    let pid = rig.info("dev")["pid"].as_i64();
+    let (code, err) = rig.fails(&["migrate", "dev", "--emulator", new_qemu]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("disks[0]") && err.contains("disk.qcow2"),
+        "{err}"
+    );
+    assert_eq!(rig.info("dev")["pid"].as_i64(), pid);
+    assert_eq!(rig.info("dev")["state"], "running");
+    std::fs::rename(&moved, &img).expect("rename back");
+
+    let stats = pinger.finish();
+    let last = stats.sent.saturating_sub(1);
+    let (mut lost, mut dup) = (0u64, 0u64);
+    for k in first..=last {
+        match stats.echoes.get(&k).copied().unwrap_or(0) {
+            0 => lost += 1,
+            1 => {}
+            n => dup += u64::from(n - 1),
+        }
+    }
+    let counted = last + 1 - first;
+    // Which losses fall inside a migration (from the migrate request to its
+    // answer, plus 50 ms for what was in flight)?
+    let in_migration = |k: u64| marks.iter().any(|&(a, b)| k >= a && k <= b + 50);
+    let lost_in = (first..=last)
+        .filter(|k| !stats.echoes.contains_key(k) && in_migration(*k))
+        .count();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for k in (first..=last).filter(|k| !stats.echoes.contains_key(k)) {
+        match runs.last_mut() {
+            Some((s, n)) if *s + *n == k => *n += 1,
+            _ => runs.push((k, 1)),
+        }
+    }
+    eprintln!(
+        "lost (first seq, count): {runs:?}; migrations (seq at request, at answer): {marks:?}"
+    );
+    eprintln!(
+        "NETSTATS migrations=10 sent={counted} lost={lost} lost_during_migrations={lost_in} duplicated={dup} max_echo_gap_ms={:.1} qemu_downtime_ms={pauses:?}",
+        stats.max_gap.as_secs_f64() * 1000.0
+    );
+
+    // The hooks saw the NIC and its tap.
+    let hooks = std::fs::read_to_string(&hook_log).expect("hook log");
+    assert!(
+        hooks.contains(&format!("prepare taps={tap} nics=net0,{tap},{mac},br0")),
+        "{hooks}"
+    );
+
+    // Stop the guest, then check the image and every acknowledged write.
+    let acked = last_acked(&rig, "dev");
+    rig.ok(&["stop", "dev", "--timeout", "1"]);
+    let acked = acked.max(last_acked(&rig, "dev"));
+    let check = std::process::Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(&img)
+        .output()
+        .expect("qemu-img check");
+    eprintln!(
+        "QEMU-IMG-CHECK {}",
+        String::from_utf8_lossy(&check.stdout).trim()
+    );
+    assert!(check.status.success(), "qemu-img check: {check:?}");
+    verify_disk(&rig, &img, acked);
+
+    // Lost and duplicated datagrams: the target is zero.
+    assert_eq!(dup, 0, "duplicated echoes");
+    // Nearly none: a stopped source QEMU still reads one frame off the tap
+    // into its own queue, which is lost when it exits, and under TCG on a
+    // loaded 2-core host the guest drops a short burst now and then
+    // (docs/devices.md). The bound catches the failure modes fixed in
+    // tap.rs and sandbox.rs: ~100 lost per migration.
+    assert!(
+        lost <= 200,
+        "{lost} of {counted} echoes lost, {lost_in} during the 10 migrations"
+    );
+    assert_eq!(rig.qemu_pids().len(), 0);
+}
+
+/// Boot the guest on the image in verify mode; every acknowledged write
+/// (`DISK 1..=acked`) must be there and intact.
+fn verify_disk(rig: &Rig, img: &Path, acked: u64) {
+    rig.ok(&["undefine", "dev"]);
+    rig.define_guest(
+        "verify",
+        256,
+        json!({
+            "cmdline": cmdline("qlive.disk=/dev/vda qlive.disk_mode=verify"),
+            "disks": [{"path": img, "format": "qcow2", "readonly": true}],
+        }),
+    );
+    rig.ok(&["start", "verify"]);
+    let line = wait_console(rig, "verify", "DISKVERIFY", Duration::from_secs(120));
+    rig.ok(&["destroy", "verify"]);
+    let (ok, bad, maxseq) = (kv(&line, "ok"), kv(&line, "bad"), kv(&line, "maxseq"));
+    eprintln!("DISKSTATS acknowledged={acked} {line}");
+    assert!(acked > 300, "too few writes to mean anything: {acked}");
+    assert_eq!(bad, 0, "{line}");
+    assert!(
+        maxseq >= acked,
+        "acknowledged write {acked} missing: {line}"
+    );
+    // 64 MiB of 4 KiB blocks: no wrap-around, so every acknowledged block
+    // is a distinct one that must be present.
+    assert!(ok >= acked, "{line}");
+}
+
+#[test]
+fn a_tap_in_use_fails_the_start_cleanly() {
+    let rig = Rig::new_netns();
+    rig.in_netns("ip", &["tuntap", "add", "dev", "busy0", "mode", "tap"]);
+    // A persistent tap is attached as is...
+    rig.define_guest("a", 128, json!({"nics": [{"tap": "busy0"}]}));
+    rig.ok(&["start", "a"]);
+    // ...but only once: a second domain on it gets a clear error.
+    rig.define_guest("b", 128, json!({"nics": [{"tap": "busy0"}]}));
+    let (code, err) = rig.fails(&["start", "b"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("tap busy0 is in use"), "{err}");
+    assert_eq!(rig.info("b")["state"], "shut-off");
+    assert_eq!(rig.qemu_pids().len(), 1);
+    rig.ok(&["destroy", "a"]);
+    // The persistent tap outlives the domain.
+    rig.in_netns("ip", &["link", "show", "busy0"]);
+}
