@@ -7,6 +7,7 @@
 //! domains never wait for each other. Long waits (a guest's ACPI shutdown)
 //! are done without the domain lock.
 
+pub mod access;
 mod migrate;
 mod ops;
 pub use ops::DEFAULT_STOP_TIMEOUT_S;
@@ -42,7 +43,17 @@ pub struct Config {
     pub socket: PathBuf,
     /// Required-feature hooks run on the migration destination.
     pub hooks_dir: PathBuf,
+    /// Group whose members may use the API (besides root).
+    pub api_group: String,
+    /// Open API connections at most; more are refused with `busy`.
+    pub max_connections: usize,
+    /// A connection that sends no request for this long is closed.
+    pub idle_timeout: std::time::Duration,
 }
+
+pub const DEFAULT_API_GROUP: &str = "qlive";
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+pub const DEFAULT_IDLE_TIMEOUT_S: u64 = 60;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -395,7 +406,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             tracing::info!("using the API socket passed by systemd");
             tokio::net::UnixListener::from_std(l)?
         }
-        None => server::bind(&agent.cfg.socket)?,
+        None => server::bind(&agent.cfg.socket, &agent.cfg.api_group)?,
     };
 
     let summary = agent.summary().await;

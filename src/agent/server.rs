@@ -1,5 +1,13 @@
-//! The API socket: accept connections, read request lines (bounded), hand
-//! each request to [`super::ops`], write the response line.
+//! The API socket: accept connections, check the peer ([`super::access`]),
+//! read request lines (bounded), hand each request to [`super::ops`], write
+//! the response line.
+//!
+//! Limits, so no client can hurt another or a running migration: request
+//! size ([`MAX_REQUEST_BYTES`]), open connections (`max_connections`; one
+//! more is answered `busy` and closed), idle time between requests
+//! (`idle_timeout`), and [`WRITE_TIMEOUT`] for a client that stops reading
+//! its answers. Every connection is its own task, and no lock is held while
+//! waiting on a client.
 
 use super::Agent;
 use crate::api::{self, ApiError, ErrorKind, Request, Response, MAX_REQUEST_BYTES};
@@ -11,7 +19,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
 
-pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+/// A client that does not take its answer within this time is dropped.
+pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+pub fn bind(path: &Path, group: &str) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         crate::fsutil::create_dir(dir, 0o755)?;
     }
@@ -27,10 +38,18 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     let l = UnixListener::bind(path)
         .map_err(|e| anyhow::anyhow!("binding API socket {}: {e}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    // root:GROUP, as the socket unit does it.
+    if let Ok(Some(g)) = nix::unistd::Group::from_name(group) {
+        if let Err(e) = nix::unistd::chown(path, None, Some(g.gid)) {
+            tracing::warn!(socket = %path.display(), group, error = %e, "cannot give the API socket to its group");
+        }
+    }
     Ok(l)
 }
 
 pub async fn serve(agent: Arc<Agent>, listener: UnixListener) -> anyhow::Result<()> {
+    let policy = Arc::new(super::access::Policy::new(&agent.cfg.api_group));
+    let slots = Arc::new(tokio::sync::Semaphore::new(agent.cfg.max_connections));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -42,12 +61,51 @@ pub async fn serve(agent: Arc<Agent>, listener: UnixListener) -> anyhow::Result<
             }
         };
         let agent = agent.clone();
+        let policy = policy.clone();
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            let limit = agent.cfg.max_connections;
+            tracing::warn!(limit, "API connection refused: too many open connections");
+            tokio::spawn(refuse(
+                stream,
+                ApiError::new(
+                    ErrorKind::Busy,
+                    format!("too many open connections to the agent (limit {limit}); try again"),
+                ),
+            ));
+            continue;
+        };
         tokio::spawn(async move {
+            let _slot = slot;
+            let peer = {
+                use std::os::fd::AsFd;
+                super::access::Peer::of(stream.as_fd())
+            };
+            let denied = match &peer {
+                Ok(p) => policy.check(p).err(),
+                Err(e) => Some(format!("permission denied: {}", super::error_chain(e))),
+            };
+            if let Some(why) = denied {
+                tracing::warn!(peer = ?peer.ok(), "API access refused: {why}");
+                refuse(stream, ApiError::new(ErrorKind::PermissionDenied, why)).await;
+                return;
+            }
             if let Err(e) = connection(agent, stream).await {
                 tracing::debug!(error = %e, "API connection ended with error");
             }
         });
     }
+}
+
+/// Answer a connection that may not be served with `e`: read (and drop)
+/// its first request, briefly, so the client is not cut off mid-write,
+/// then answer and close. Nothing is executed.
+async fn refuse(stream: UnixStream, e: ApiError) {
+    let (r, mut w) = stream.into_split();
+    let codec =
+        AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), MAX_REQUEST_BYTES);
+    let mut lines = FramedRead::new(r, codec);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), lines.next()).await;
+    let _ = write_response(&mut w, &Response::err(e)).await;
 }
 
 async fn write_response(
@@ -56,7 +114,14 @@ async fn write_response(
 ) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(r).map_err(std::io::Error::other)?;
     line.push(b'\n');
-    w.write_all(&line).await
+    tokio::time::timeout(WRITE_TIMEOUT, w.write_all(&line))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "client did not read its answer",
+            )
+        })?
 }
 
 async fn connection(agent: Arc<Agent>, stream: UnixStream) -> std::io::Result<()> {
@@ -65,7 +130,16 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> std::io::Result<()
     let codec =
         AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), MAX_REQUEST_BYTES);
     let mut lines = FramedRead::new(r, codec);
-    while let Some(line) = lines.next().await {
+    let idle = agent.cfg.idle_timeout;
+    loop {
+        let line = match tokio::time::timeout(idle, lines.next()).await {
+            Ok(Some(l)) => l,
+            Ok(None) => break,
+            Err(_) => {
+                tracing::debug!(secs = idle.as_secs(), "API connection idle; closing");
+                break;
+            }
+        };
         let line = match line {
             Ok(l) => l,
             Err(AnyDelimiterCodecError::MaxChunkLengthExceeded) => {
@@ -138,7 +212,11 @@ async fn stream_console(
     loop {
         match rx.recv().await {
             Ok(b) if b.is_empty() => return Ok(()),
-            Ok(b) => w.write_all(&b).await?,
+            Ok(b) => tokio::time::timeout(WRITE_TIMEOUT, w.write_all(&b))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "console reader stuck")
+                })??,
             Err(RecvError::Lagged(n)) => {
                 tracing::debug!(missed = n, "console client too slow; skipped chunks");
             }

@@ -8,6 +8,8 @@ use tokio::net::UnixStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    #[error("permission denied connecting to the qlive agent at {path}: use root or a member of group qlive")]
+    ConnectDenied { path: std::path::PathBuf },
     #[error("cannot connect to the qlive agent at {path} (is it running?)")]
     Connect {
         path: String,
@@ -41,9 +43,14 @@ impl Client {
     pub async fn connect(path: &Path) -> Result<Client, ClientError> {
         let s = UnixStream::connect(path)
             .await
-            .map_err(|source| ClientError::Connect {
-                path: path.display().to_string(),
-                source,
+            .map_err(|source| match source.kind() {
+                io::ErrorKind::PermissionDenied => ClientError::ConnectDenied {
+                    path: path.to_path_buf(),
+                },
+                _ => ClientError::Connect {
+                    path: path.display().to_string(),
+                    source,
+                },
             })?;
         Ok(Client {
             stream: BufReader::new(s),

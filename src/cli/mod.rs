@@ -37,6 +37,15 @@ pub enum Command {
         /// Required-feature hooks run on the migration destination.
         #[arg(long, env = "QLIVE_HOOKS_DIR", default_value = agent::DEFAULT_HOOKS_DIR)]
         hooks_dir: PathBuf,
+        /// Members of this group may use the API (besides root).
+        #[arg(long, env = "QLIVE_API_GROUP", default_value = agent::DEFAULT_API_GROUP)]
+        api_group: String,
+        /// Open API connections at most.
+        #[arg(long, env = "QLIVE_MAX_CONNECTIONS", default_value_t = agent::DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
+        /// Seconds a connection may stay without sending a request.
+        #[arg(long, env = "QLIVE_IDLE_TIMEOUT_S", default_value_t = agent::DEFAULT_IDLE_TIMEOUT_S)]
+        idle_timeout_s: u64,
     },
     /// Store a domain definition from a JSON file (`-` for stdin).
     Define { file: PathBuf },
@@ -131,12 +140,18 @@ pub async fn run(cli: Cli) -> i32 {
             state_dir,
             run_dir,
             hooks_dir,
+            api_group,
+            max_connections,
+            idle_timeout_s,
         } => {
             let cfg = Config {
                 state_dir,
                 run_dir,
                 socket: cli.socket,
                 hooks_dir,
+                api_group,
+                max_connections: max_connections.max(1),
+                idle_timeout: std::time::Duration::from_secs(idle_timeout_s.max(1)),
             };
             match agent::run(cfg).await {
                 Ok(()) => 0,
