@@ -9,6 +9,21 @@ fn main() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("QLIVE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     init_logging(filter, is_agent);
+    // Capabilities are per thread: drop them before the runtime's threads
+    // exist, so none of them (and nothing they exec) has more.
+    if is_agent {
+        match qlive::agent::privileges::drop_all_but_kept() {
+            Ok(kept) => {
+                let mut v: Vec<String> = kept.iter().map(|c| c.to_string()).collect();
+                v.sort();
+                tracing::info!(kept = %v.join(","), "capabilities dropped");
+            }
+            Err(e) => {
+                eprintln!("qlive agent: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -44,6 +44,27 @@ fn qlive_as(rig: &Rig, gid: u32, groups: &[u32], args: &[&str]) -> Output {
     cmd.output().expect("run qlive as nobody")
 }
 
+/// A `/proc/PID/status` field.
+fn status_field(pid: u32, key: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+fn kept_mask() -> u64 {
+    qlive::agent::privileges::KEEP
+        .iter()
+        .map(|(c, _)| 1u64 << c.index())
+        .fold(0, |a, b| a | b)
+}
+
+fn cap_mask(pid: u32, key: &str) -> u64 {
+    u64::from_str_radix(&status_field(pid, key), 16).expect("hex caps")
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -69,6 +90,13 @@ fn rig(env: &[(&str, &str)]) -> Rig {
 #[test]
 fn only_root_and_the_api_group_may_call() {
     let rig = rig(&[]);
+    // The agent runs with exactly the documented capabilities.
+    let agent = rig.agent_pid().expect("agent pid");
+    for set in ["CapBnd", "CapPrm", "CapEff"] {
+        assert_eq!(cap_mask(agent, set), kept_mask(), "agent {set}");
+    }
+    assert_eq!(cap_mask(agent, "CapInh"), 0);
+    assert_eq!(cap_mask(agent, "CapAmb"), 0);
     rig.define_guest("keep", 128, json!({}));
     let st = std::fs::metadata(&rig.socket).expect("socket");
     use std::os::unix::fs::MetadataExt;
@@ -132,6 +160,14 @@ fn stuck_clients_and_the_connection_limit_do_not_block_others_or_a_migration() {
     rig.define_guest("mig", 256, json!({}));
     rig.ok(&["start", "mig"]);
     rig.wait_heartbeat_past("mig", 500, Duration::from_secs(60));
+    // QEMU: no more than the agent's bound, no_new_privs, seccomp filters
+    // (qlive's rule and QEMU's -sandbox).
+    let qemu = rig.info("mig")["pid"].as_u64().expect("pid") as u32;
+    assert_eq!(cap_mask(qemu, "CapBnd") & !kept_mask(), 0);
+    assert_eq!(status_field(qemu, "NoNewPrivs"), "1");
+    assert_eq!(status_field(qemu, "Seccomp"), "2");
+    let filters: u32 = status_field(qemu, "Seccomp_filters").parse().unwrap_or(0);
+    assert!(filters >= 2, "seccomp filters: {filters}");
 
     // Client 1 sends half a request and stalls; client 2 floods requests
     // and never reads an answer.

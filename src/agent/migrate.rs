@@ -180,6 +180,12 @@ impl Mig {
             return Err(MigrationError::RemoteTaken(e.to_string()));
         }
 
+        crate::migration::devices::same_disks(&self.src.record.disks, &dst.record.disks).map_err(
+            |reason| MigrationError::Preflight {
+                emulator: self.target.clone(),
+                reason,
+            },
+        )?;
         params::apply(&self.src.qmp, Side::Source)
             .await
             .map_err(qmp_err("setting migration capabilities on the source"))?;

@@ -10,6 +10,7 @@
 pub mod access;
 mod migrate;
 mod ops;
+pub mod privileges;
 pub use ops::DEFAULT_STOP_TIMEOUT_S;
 
 pub const fn migrate_default_timeout() -> u64 {

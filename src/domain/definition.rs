@@ -439,6 +439,12 @@ impl Definition {
         }
         for (i, d) in self.disks.iter().enumerate() {
             check_abs_path(&format!("disks[{i}].path"), &d.path)?;
+            if d.aio == DiskAio::Native && !d.cache.flags().0 {
+                return Err(DefinitionError::invalid(
+                    format!("disks[{i}].aio"),
+                    "`native` needs O_DIRECT: use cache `none` or `directsync`",
+                ));
+            }
             if let Some(j) = self.disks[..i].iter().position(|o| o.path == d.path) {
                 return Err(DefinitionError::invalid(
                     format!("disks[{i}].path"),
@@ -525,9 +531,11 @@ impl Definition {
     /// set first (tap names derive from it, so they are stable and unique
     /// per domain).
     pub fn assign_nic_defaults(&mut self, rand: impl Fn() -> [u8; 3]) {
+        // The last 10 hex digits: random in v4 and v7 UUIDs alike (the
+        // first ones are a timestamp in v7).
         let tag = self
             .uuid
-            .map(|u| u.simple().to_string()[..8].to_string())
+            .map(|u| u.simple().to_string()[22..].to_string())
             .unwrap_or_default();
         let mut taken: Vec<String> = self
             .nics
@@ -675,7 +683,7 @@ mod tests {
         assert_eq!(d.nics[0].mac(), "52:54:00:AA:00:01");
         assert_eq!(d.nics[1].mac(), "52:54:00:02:00:00");
         assert_eq!(d.nics[2].mac(), "52:54:00:03:00:00");
-        assert_eq!(d.nics[1].tap(), "qlv1a2b3c4dn1");
+        assert_eq!(d.nics[1].tap(), "qlv0000000000n1");
         d.validate().unwrap();
         assert_eq!(
             parse_mac("52:54:00:aa:00:01"),

@@ -77,6 +77,13 @@ pub fn build(
         ),
     ]);
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    // QEMU's own seccomp sandbox: no obsolete syscalls, no scheduler or
+    // affinity changes; migration needs neither. Not spawn=deny nor
+    // elevateprivileges=deny: the filter is in place before -daemonize,
+    // which forks and calls setsid (both refused there, QEMU exits 1).
+    // Privileges are bounded anyway: no_new_privs and the agent's
+    // capability bound (agent::privileges).
+    push(&["-sandbox", "on,obsolete=deny,resourcecontrol=deny"]);
     push(&[
         "-chardev",
         &format!(

@@ -254,6 +254,12 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
                     return Err(io::Error::last_os_error());
                 }
             }
+            // no_new_privs: the seccomp rule needs it (or CAP_SYS_ADMIN,
+            // which the agent does not keep), and QEMU never gains more
+            // than the agent's bound through exec.
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
             guard.install()
         });
     }
@@ -303,7 +309,13 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
             .def
             .disks
             .iter()
-            .filter_map(|d| DiskId::of(&d.path).ok())
+            .filter_map(|d| match DiskId::of(&d.path) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    tracing::warn!(disk = %d.path.display(), error = %e, "cannot record the disk's identity");
+                    None
+                }
+            })
             .collect();
         let record = InstanceRecord {
             domid: spec.domid,

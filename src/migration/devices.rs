@@ -21,12 +21,30 @@ use crate::domain::Definition;
 use crate::instance::DiskId;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 
+/// The destination opened the same files as the source (checked after it
+/// started, before any state moves: closes the window between preflight
+/// and the destination's open).
+pub fn same_disks(src: &[DiskId], dst: &[DiskId]) -> Result<(), String> {
+    for s in src {
+        match dst.iter().find(|d| d.path == s.path) {
+            Some(d) if (d.dev, d.ino) == (s.dev, s.ino) => {}
+            _ => {
+                return Err(format!(
+                    "disk {}: the new instance did not open the file the running one has",
+                    s.path.display()
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `Err(reason)` names the disk and what is wrong with it.
 pub fn preflight_disks(def: &Definition, opened: &[DiskId]) -> Result<(), String> {
     for (i, d) in def.disks.iter().enumerate() {
         let what = format!("disks[{i}] {}", d.path.display());
         let md = std::fs::metadata(&d.path)
-            .map_err(|e| format!("{what}: the new QEMU could not open it: {e}"))?;
+            .map_err(|e| format!("{what}: not found for the new instance to open: {e}"))?;
         let ft = md.file_type();
         if !(ft.is_file() || ft.is_block_device()) {
             return Err(format!("{what}: not a regular file or block device"));
@@ -97,7 +115,7 @@ mod tests {
 
         std::fs::remove_file(&img).unwrap();
         let e = preflight_disks(&def, &[]).unwrap_err();
-        assert!(e.contains("could not open") && e.contains("a.img"), "{e}");
+        assert!(e.contains("not found") && e.contains("a.img"), "{e}");
 
         std::fs::create_dir(&img).unwrap();
         let e = preflight_disks(&def, &[]).unwrap_err();
