@@ -180,6 +180,7 @@ impl Direct {
             mode,
             ram: ram.clone(),
             taps: Default::default(),
+            labels: None,
             data_dirs: &[],
         })
         .await

@@ -98,6 +98,16 @@ fn only_root_and_the_api_group_may_call() {
     assert_eq!(cap_mask(agent, "CapInh"), 0);
     assert_eq!(cap_mask(agent, "CapAmb"), 0);
     rig.define_guest("keep", 128, json!({}));
+    // Each domain gets its own SELinux MCS pair, recorded in the state dir
+    // and released at undefine (applied only where SELinux is enabled).
+    rig.define_guest("other", 128, json!({}));
+    let pair = |n: &str| rig.info(n)["selinux"]["mcs"].as_str().map(String::from);
+    let (a, b) = (pair("keep").expect("pair"), pair("other").expect("pair"));
+    assert!(a.starts_with('c') && a.contains(",c"), "{a}");
+    assert_ne!(a, b);
+    rig.ok(&["undefine", "other"]);
+    let mcs = std::fs::read_to_string(rig.state.join("mcs.json")).expect("mcs.json");
+    assert!(mcs.contains(&a) && !mcs.contains(&b), "{mcs}");
     let st = std::fs::metadata(&rig.socket).expect("socket");
     use std::os::unix::fs::MetadataExt;
     assert_eq!(st.mode() & 0o777, 0o660, "socket mode");

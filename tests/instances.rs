@@ -40,6 +40,7 @@ async fn two_instances_of_one_domain_do_not_clash() {
         mode,
         ram: ram.clone(),
         taps: Default::default(),
+        labels: None,
         data_dirs: &[],
     };
     // Kills both QEMUs even if an assertion below panics.

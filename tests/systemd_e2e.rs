@@ -83,6 +83,8 @@ fn deb_contents() {
         "./usr/lib/tmpfiles.d/qlive.conf",
         "./usr/lib/sysusers.d/qlive.conf",
         "./usr/share/doc/qlive/docs/operations.md",
+        "./usr/share/selinux/packages/qlive/qlive.pp",
+        "./usr/share/selinux/devel/include/contrib/qlive.if",
     ] {
         assert!(
             listing.lines().any(|l| l.ends_with(f)),

@@ -161,6 +161,10 @@ impl Mig {
             mode: StartMode::Incoming,
             ram: self.src.ram.clone(),
             taps: self.src.taps.clone(),
+            labels: self
+                .agent
+                .selinux_labels(&self.dom.name)
+                .map_err(|e| preflight(error_chain(&e)))?,
             data_dirs: &info.data_dirs,
         })
         .await

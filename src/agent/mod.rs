@@ -67,6 +67,8 @@ pub enum AgentError {
     #[error(transparent)]
     Domid(#[from] DomidError),
     #[error(transparent)]
+    Mcs(#[from] crate::domain::mcs::McsError),
+    #[error(transparent)]
     Probe(#[from] ProbeError),
     #[error("starting domain {name}")]
     Start {
@@ -245,6 +247,8 @@ pub struct Agent {
     domids: DomidAllocator,
     table: Mutex<DomainTable<Arc<Domain>, Arc<Instance>>>,
     probes: ProbeCache,
+    /// SELinux MCS pair per domain (domain::mcs).
+    mcs: Mutex<crate::domain::mcs::McsTable>,
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
@@ -282,6 +286,7 @@ impl Agent {
             .map_err(|_| AgentError::AlreadyRunning(lock_path.clone()))?;
         let store = Store::open(&cfg.state_dir)?;
         let domids = DomidAllocator::open(&cfg.state_dir)?;
+        let mcs = crate::domain::mcs::McsTable::open(&cfg.state_dir)?;
         fsutil::create_dir(&cfg.state_dir.join("console"), 0o700).map_err(|source| {
             AgentError::Io {
                 what: "creating console log directory".into(),
@@ -294,6 +299,7 @@ impl Agent {
             domids,
             table: Mutex::new(DomainTable::default()),
             probes: ProbeCache::default(),
+            mcs: Mutex::new(mcs),
             _lock: lock,
         });
         recover::recover(&agent).await?;
@@ -391,6 +397,37 @@ impl Agent {
             "{} domains, {running} running, {jobs} migrating",
             doms.len()
         )
+    }
+}
+
+impl Agent {
+    /// The domain's MCS pair, allocated (and persisted) if it has none.
+    pub(crate) fn mcs_pair(&self, name: &str) -> Result<crate::domain::mcs::McsPair, AgentError> {
+        let mut t = self.mcs.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(t.ensure(name, || {
+            let b = *uuid::Uuid::new_v4().as_bytes();
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+        })?)
+    }
+
+    /// The labels an instance of the domain gets: None without SELinux.
+    pub(crate) fn selinux_labels(
+        &self,
+        name: &str,
+    ) -> Result<Option<crate::instance::selinux::Labels>, AgentError> {
+        if !crate::instance::selinux::enabled() {
+            return Ok(None);
+        }
+        Ok(Some(crate::instance::selinux::Labels::new(
+            self.mcs_pair(name)?,
+        )))
+    }
+
+    pub(crate) fn release_mcs(&self, name: &str) {
+        let mut t = self.mcs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = t.release(name) {
+            tracing::warn!(domain = name, error = %error_chain(&e), "releasing the MCS pair");
+        }
     }
 }
 

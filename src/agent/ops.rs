@@ -75,12 +75,16 @@ impl Agent {
                 path_str(&self.store.path_of(&def.name)?)
             )));
         }
-        self.store.save(&def)?;
+        let mcs = self.mcs_pair(&def.name)?;
+        if let Err(e) = self.store.save(&def) {
+            self.release_mcs(&def.name);
+            return Err(e.into());
+        }
         let dom = Arc::new(Domain::new(def.clone(), uuid, "defined"));
         table.insert(&def.name, uuid, dom.clone())?;
         drop(table);
         dom.follow_console(&self.console_log(&def.name));
-        tracing::info!(domain = %def.name, %uuid, "defined");
+        tracing::info!(domain = %def.name, %uuid, %mcs, "defined");
         Ok(json!({"name": def.name, "uuid": uuid}))
     }
 
@@ -109,6 +113,7 @@ impl Agent {
         }
         self.store.remove(&dom.name)?;
         self.table().remove(&dom.name)?;
+        self.release_mcs(&dom.name);
         st.removed = true;
         dom.stop_console();
         let _ = crate::fsutil::remove_file_if_exists(&self.console_log(&dom.name));
@@ -210,6 +215,7 @@ impl Agent {
             mode: StartMode::Boot,
             ram,
             taps,
+            labels: self.selinux_labels(&dom.name)?,
             data_dirs: &info.data_dirs,
         })
         .await
@@ -476,6 +482,10 @@ impl Agent {
             "memory_mib": def.memory_mib,
             "disks": def.disks,
             "nics": def.nics,
+            "selinux": {
+                "mcs": self.mcs.lock().unwrap_or_else(|e| e.into_inner()).get(&dom.name).map(|p| p.to_string()),
+                "applied": crate::instance::selinux::enabled(),
+            },
             "console_log": self.console_log(&dom.name),
             "job": st.job.as_ref().map(|j| j.to_json()),
         });

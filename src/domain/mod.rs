@@ -3,6 +3,7 @@
 //! for instances being migrated in).
 
 pub mod definition;
+pub mod mcs;
 pub mod store;
 pub mod table;
 

@@ -14,6 +14,7 @@ pub mod paths;
 pub mod probe;
 pub mod process;
 pub mod sandbox;
+pub mod selinux;
 pub mod tap;
 
 use crate::domain::Definition;
@@ -71,6 +72,13 @@ pub enum InstanceError {
     Memory(#[from] memory::MemoryError),
     #[error("network")]
     Tap(#[from] TapError),
+    #[error("SELinux: labelling {what} {context}")]
+    Label {
+        what: String,
+        context: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Which file a disk path named when an instance opened it: preflight
@@ -145,6 +153,8 @@ pub struct SpawnSpec<'a> {
     pub mode: StartMode,
     pub ram: Arc<GuestRam>,
     pub taps: Arc<Vec<Tap>>,
+    /// The domain's SELinux labels; None when SELinux is not enabled.
+    pub labels: Option<selinux::Labels>,
     /// The emulator's firmware search path (from the probe), to resolve the
     /// firmware files the instance loads.
     pub data_dirs: &'a [PathBuf],
@@ -227,6 +237,10 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
     for (i, t) in spec.taps.iter().enumerate() {
         fds.push((t.raw_fd(), FIRST_TAP_FD + i as i32));
     }
+    if let Some(l) = &spec.labels {
+        apply_labels(spec, l)?;
+    }
+    let exec_context = spec.labels.as_ref().map(|l| l.process.clone());
     let guard = sandbox::OffloadGuard::new();
     let mut cmd = std::process::Command::new(&emulator);
     cmd.args(&args)
@@ -260,7 +274,11 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
-            guard.install()
+            guard.install()?;
+            if let Some(ctx) = &exec_context {
+                selinux::set_exec_context(ctx)?;
+            }
+            Ok(())
         });
     }
     tracing::debug!(emulator = %emulator.display(), ?args, "spawning QEMU");
@@ -347,6 +365,33 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
             Err(e)
         }
     }
+}
+
+/// Label what the instance will use with the domain's MCS pair.
+fn apply_labels(spec: &SpawnSpec<'_>, l: &selinux::Labels) -> Result<(), InstanceError> {
+    let fail = |what: String, context: &str| {
+        let context = context.to_string();
+        move |source| InstanceError::Label {
+            what,
+            context,
+            source,
+        }
+    };
+    use std::os::fd::AsFd;
+    selinux::label_fd(spec.ram.as_fd(), &l.image)
+        .map_err(fail("the guest-RAM memfd".into(), &l.image))?;
+    for p in [&spec.paths.dir, &spec.paths.log] {
+        selinux::label_path(p, &l.image).map_err(fail(p.display().to_string(), &l.image))?;
+    }
+    for d in &spec.def.disks {
+        selinux::label_path(&d.path, &l.image)
+            .map_err(fail(d.path.display().to_string(), &l.image))?;
+    }
+    if spec.console_log.exists() {
+        selinux::label_path(spec.console_log, &l.console)
+            .map_err(fail(spec.console_log.display().to_string(), &l.console))?;
+    }
+    Ok(())
 }
 
 /// What the new process has loaded: mapped files now, plus the firmware
