@@ -4,7 +4,7 @@
 CARGO ?= cargo
 GUEST_DIR := target/guest
 
-.PHONY: all build deps guest qemu-new deb demo test lint bench bench-core bench-migration bench-upgrade clean
+.PHONY: all build deps guest qemu-new deb selinux selinux-check demo test lint fuzz bench bench-core bench-migration bench-upgrade clean
 
 all: build
 
@@ -22,8 +22,16 @@ guest: deps
 qemu-new: deps
 	tests/rig/fetch-new-qemu.sh target/qemu-new
 
+# The SELinux policy module (selinux/, docs/selinux.md): target/selinux/qlive.pp.
+selinux: deps
+	selinux/build.sh target/selinux
+
+# Link it with Debian's whole reference policy and check every neverallow.
+selinux-check: deps selinux
+	selinux/linkcheck.sh target/selinux
+
 # The Debian package (cargo-deb; metadata in Cargo.toml, scripts in packaging/debian).
-deb: deps
+deb: deps selinux
 	$(CARGO) deb --locked
 
 # Boot the demo guest under a private agent and show it running.
@@ -34,8 +42,13 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
-# Everything: lint, unit and integration tests (real QEMU under TCG).
-test: deps guest qemu-new deb lint
+# Fuzz the API request parser and the definition validator, FUZZ_SECONDS
+# (default 60) each, from the seed corpus in fuzz/corpus (docs/fuzzing.md).
+fuzz: deps
+	scripts/fuzz.sh
+
+# Everything: lint, fuzzing, unit and integration tests (real QEMU under TCG).
+test: deps guest qemu-new deb selinux-check lint fuzz
 	$(CARGO) nextest run --locked --profile ci
 
 # Benchmarks print their figures (docs/benchmarks.md); not part of `make test`.

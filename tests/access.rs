@@ -173,6 +173,9 @@ fn stuck_clients_and_the_connection_limit_do_not_block_others_or_a_migration() {
     // QEMU: no more than the agent's bound, no_new_privs, seccomp filters
     // (qlive's rule and QEMU's -sandbox).
     let qemu = rig.info("mig")["pid"].as_u64().expect("pid") as u32;
+    // QEMU itself keeps only CAP_DAC_OVERRIDE (bit 1).
+    assert_eq!(cap_mask(qemu, "CapEff"), 1 << 1);
+    assert_eq!(cap_mask(qemu, "CapPrm"), 1 << 1);
     assert_eq!(cap_mask(qemu, "CapBnd") & !kept_mask(), 0);
     assert_eq!(status_field(qemu, "NoNewPrivs"), "1");
     assert_eq!(status_field(qemu, "Seccomp"), "2");

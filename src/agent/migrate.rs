@@ -151,6 +151,8 @@ impl Mig {
         let mut dst_def = self.def.clone();
         dst_def.emulator = self.target.clone();
         let console_log = self.agent.console_log(&self.dom.name);
+        crate::fsutil::ensure_regular_or_absent(&console_log)
+            .map_err(|e| preflight(format!("console log: {e}")))?;
         let dst = instance::spawn(SpawnSpec {
             def: &dst_def,
             domid,

@@ -66,6 +66,8 @@ impl Agent {
             let b = *uuid::Uuid::new_v4().as_bytes();
             [b[0], b[1], b[2]]
         });
+        // What is stored must load again: check the completed definition.
+        def.validate()?;
         let mut table = self.table();
         table.check_free(&def.name, uuid)?;
         if self.store.exists(&def.name)? {
@@ -205,6 +207,9 @@ impl Agent {
         let domid = self.domids.allocate()?;
         let paths = InstancePaths::new(&self.cfg.run_dir, &dom.name, domid);
         let console_log = self.console_log(&dom.name);
+        crate::fsutil::ensure_regular_or_absent(&console_log).map_err(|e| {
+            AgentError::InvalidState(format!("refusing to start {}: {e}", dom.name))
+        })?;
         let inst = instance::spawn(SpawnSpec {
             def: &st.def,
             domid,

@@ -50,6 +50,9 @@ pub fn bind(path: &Path, group: &str) -> anyhow::Result<UnixListener> {
 pub async fn serve(agent: Arc<Agent>, listener: UnixListener) -> anyhow::Result<()> {
     let policy = Arc::new(super::access::Policy::new(&agent.cfg.api_group));
     let slots = Arc::new(tokio::sync::Semaphore::new(agent.cfg.max_connections));
+    // Refusals take a moment each (see `refuse`); bound them too, and
+    // beyond that close at once.
+    let refusals = Arc::new(tokio::sync::Semaphore::new(agent.cfg.max_connections));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -65,13 +68,21 @@ pub async fn serve(agent: Arc<Agent>, listener: UnixListener) -> anyhow::Result<
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             let limit = agent.cfg.max_connections;
             tracing::warn!(limit, "API connection refused: too many open connections");
-            tokio::spawn(refuse(
-                stream,
-                ApiError::new(
-                    ErrorKind::Busy,
-                    format!("too many open connections to the agent (limit {limit}); try again"),
-                ),
-            ));
+            if let Ok(r) = refusals.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    let _r = r;
+                    refuse(
+                        stream,
+                        ApiError::new(
+                            ErrorKind::Busy,
+                            format!(
+                                "too many open connections to the agent (limit {limit}); try again"
+                            ),
+                        ),
+                    )
+                    .await
+                });
+            }
             continue;
         };
         tokio::spawn(async move {

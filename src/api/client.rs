@@ -8,7 +8,7 @@ use tokio::net::UnixStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("permission denied connecting to the qlive agent at {path}: use root or a member of group qlive")]
+    #[error("permission denied connecting to the qlive agent at {path}: use root or a member of the agent's API group (qlive unless the agent's --api-group says otherwise)")]
     ConnectDenied { path: std::path::PathBuf },
     #[error("cannot connect to the qlive agent at {path} (is it running?)")]
     Connect {

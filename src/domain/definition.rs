@@ -542,9 +542,23 @@ impl Definition {
             .iter()
             .filter_map(|n| n.mac.as_deref().map(str::to_ascii_lowercase))
             .collect();
+        let mut taps: Vec<String> = self.nics.iter().filter_map(|n| n.tap.clone()).collect();
         for (i, n) in self.nics.iter_mut().enumerate() {
-            if n.tap.is_none() {
-                n.tap = Some(format!("qlv{tag}n{i}"));
+            // `qlv<tag>n<i>`, or the next free index if the user named
+            // another NIC's tap so (the definition stays valid).
+            let mut k = i;
+            while n.tap.is_none() {
+                let t = format!("qlv{tag}n{k}");
+                if !taps.contains(&t) && t.len() <= MAX_IFNAME {
+                    taps.push(t.clone());
+                    n.tap = Some(t);
+                }
+                k += 1;
+                if k > i + MAX_NICS + 1 {
+                    // Cannot happen with <= MAX_NICS NICs; stay valid anyway.
+                    let t = format!("qlv{}", &tag[..tag.len().min(8)]);
+                    n.tap = Some(format!("{t}x{i}"));
+                }
             }
             while n.mac.is_none() {
                 let r = rand();

@@ -4,16 +4,24 @@
 //! Each file carries a format tag and version. A file that does not parse, or
 //! was written by a newer qlive (higher version), is refused with an error
 //! naming it and is never overwritten: the user decides what to do with it.
+//! So is anything at `<name>.json` that is not a regular file: a symlink is
+//! never followed (it could point anywhere, e.g. out of the state dir), a
+//! FIFO or device never opened for reading.
 
 use crate::domain::definition::{valid_name, Definition, DefinitionError};
 use crate::fsutil;
 use serde::{Deserialize, Serialize};
 use std::fs;
-use std::io;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 pub const FORMAT: &str = "qlive-domain";
 pub const VERSION: u32 = 1;
+/// Largest stored domain file read. The agent writes them from definitions
+/// of at most [`MAX_DEFINITION_BYTES`](crate::domain::definition::MAX_DEFINITION_BYTES)
+/// (pretty-printed, plus what the agent adds: UUID, pinned machine, a new
+/// emulator path), far below this.
+pub const MAX_STORED_BYTES: u64 = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -53,6 +61,10 @@ pub enum StoreError {
     },
     #[error("invalid domain name {0:?}")]
     BadName(String),
+    #[error("stored domain {path} is {kind}, not a regular file; refused (not followed), left untouched")]
+    NotRegularFile { path: PathBuf, kind: &'static str },
+    #[error("store directory {path} is {kind}, not a directory; refused")]
+    NotADirectory { path: PathBuf, kind: &'static str },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -74,6 +86,17 @@ impl Store {
             path: dir.clone(),
             source,
         })?;
+        // A symlink here would move every save and remove elsewhere.
+        let meta = dir.symlink_metadata().map_err(|source| StoreError::Read {
+            path: dir.clone(),
+            source,
+        })?;
+        if !meta.is_dir() {
+            return Err(StoreError::NotADirectory {
+                kind: fsutil::file_kind(meta.file_type()),
+                path: dir,
+            });
+        }
         Ok(Store { dir })
     }
 
@@ -114,10 +137,25 @@ impl Store {
     }
 
     fn load_path(path: &Path) -> Result<Definition, StoreError> {
-        let bytes = fs::read(path).map_err(|source| StoreError::Read {
-            path: path.to_path_buf(),
-            source,
+        let file = fsutil::open_regular_nofollow(path).map_err(|e| match e {
+            fsutil::NotRegularError::NotRegular { path, kind } => {
+                StoreError::NotRegularFile { path, kind }
+            }
+            fsutil::NotRegularError::Io { path, source } => StoreError::Read { path, source },
         })?;
+        let mut bytes = Vec::new();
+        file.take(MAX_STORED_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|source| StoreError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if bytes.len() as u64 > MAX_STORED_BYTES {
+            return Err(StoreError::Corrupt {
+                path: path.to_path_buf(),
+                reason: format!("over {MAX_STORED_BYTES} bytes"),
+            });
+        }
         let doc: StoredDomain =
             serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
                 path: path.to_path_buf(),
@@ -135,11 +173,10 @@ impl Store {
                 found: doc.version,
             });
         }
-        let def =
-            Definition::from_value(&doc.definition).map_err(|source| StoreError::Invalid {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let def = stored_definition(&doc.definition).map_err(|source| StoreError::Invalid {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let expected = path
             .file_stem()
             .and_then(|s| s.to_str())
@@ -207,6 +244,27 @@ impl Store {
     }
 }
 
+/// A stored definition, checked as strictly as a new one (same types, same
+/// [`Definition::validate`]) but without the input size limit: the agent
+/// itself may have grown it past that after it was accepted (UUID, pinned
+/// machine type, a new emulator path after a migration), and a file it
+/// wrote must load again. The file size is bounded by [`MAX_STORED_BYTES`].
+fn stored_definition(v: &serde_json::Value) -> Result<Definition, DefinitionError> {
+    let def: Definition = serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        DefinitionError::Parse {
+            path: if path == "." {
+                "(document)".into()
+            } else {
+                path
+            },
+            message: e.into_inner().to_string(),
+        }
+    })?;
+    def.validate()?;
+    Ok(def)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,6 +305,118 @@ mod tests {
         let e = s.load("future").unwrap_err();
         assert!(matches!(e, StoreError::TooNew { found: 99, .. }), "{e}");
         assert_eq!(fs::read_to_string(&p2).unwrap(), doc.to_string());
+    }
+
+    #[test]
+    fn symlink_is_refused_and_its_target_untouched() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        // a valid stored domain outside the state dir, linked in
+        let other = Store::open(outside.path()).unwrap();
+        other.save(&def("evil")).unwrap();
+        let target = other.path_of("evil").unwrap();
+        let before = fs::read(&target).unwrap();
+        let link = s.path_of("evil").unwrap();
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+
+        let e = s.load("evil").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StoreError::NotRegularFile {
+                    kind: "a symbolic link",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains("evil.json") && msg.contains("symbolic link"),
+            "{msg}"
+        );
+        let all = s.load_all().unwrap();
+        assert!(matches!(all[..], [Err(StoreError::NotRegularFile { .. })]));
+        assert!(s.exists("evil").unwrap());
+
+        // save replaces the link itself; remove unlinks it: target untouched
+        s.save(&def("evil")).unwrap();
+        assert!(fs::symlink_metadata(&link).unwrap().is_file());
+        assert_eq!(fs::read(&target).unwrap(), before);
+        fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        s.remove("evil").unwrap();
+        assert!(fs::symlink_metadata(&link).is_err());
+        assert_eq!(fs::read(&target).unwrap(), before);
+    }
+
+    #[test]
+    fn fifo_and_directory_are_refused_without_blocking() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let fifo = s.path_of("fifo").unwrap();
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = s.load("fifo").unwrap_err();
+        assert!(
+            matches!(e, StoreError::NotRegularFile { kind: "a FIFO", .. }),
+            "{e}"
+        );
+        fs::create_dir(s.path_of("dir").unwrap()).unwrap();
+        let e = s.load("dir").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StoreError::NotRegularFile {
+                    kind: "a directory",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn symlinked_domains_dir_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), d.path().join("domains")).unwrap();
+        let e = Store::open(d.path()).err().unwrap();
+        assert!(matches!(e, StoreError::NotADirectory { .. }), "{e}");
+    }
+
+    #[test]
+    fn oversized_file_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let p = s.path_of("big").unwrap();
+        fs::write(&p, vec![b' '; MAX_STORED_BYTES as usize + 1]).unwrap();
+        let e = s.load("big").unwrap_err();
+        assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+    }
+
+    /// A definition accepted at the input size limit grows when the agent
+    /// fills in defaults, a UUID and (after a migration) a new emulator
+    /// path; the file it saved must load again.
+    #[test]
+    fn definition_grown_past_input_limit_loads_again() {
+        use crate::domain::definition::MAX_DEFINITION_BYTES;
+        let disks: Vec<_> = (0..crate::domain::definition::MAX_DISKS)
+            .map(|i| serde_json::json!({"path": format!("/{i:02}{}", "d".repeat(3900)), "format": "raw"}))
+            .collect();
+        let v = serde_json::json!({
+            "name": "big", "emulator": "/usr/bin/qemu-system-x86_64", "memory_mib": 128,
+            "disks": disks,
+        });
+        let mut d = Definition::from_value(&v).unwrap();
+        assert!(serde_json::to_vec(&v).unwrap().len() <= MAX_DEFINITION_BYTES);
+        d.uuid = Some(uuid::Uuid::new_v4());
+        d.emulator = PathBuf::from(format!("/{}", "e".repeat(4000)));
+        assert!(serde_json::to_vec(&d).unwrap().len() > MAX_DEFINITION_BYTES);
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.save(&d).unwrap();
+        assert_eq!(s.load("big").unwrap(), d);
     }
 
     #[test]

@@ -242,6 +242,9 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
     }
     let exec_context = spec.labels.as_ref().map(|l| l.process.clone());
     let guard = sandbox::OffloadGuard::new();
+    let qemu_caps = sandbox::QemuCaps::new();
+    // guest RAM + one tap per NIC must fit the fixed array in pre_exec
+    const _: () = assert!(crate::domain::definition::MAX_NICS < 16);
     let mut cmd = std::process::Command::new(&emulator);
     cmd.args(&args)
         .stdin(std::process::Stdio::null())
@@ -275,6 +278,7 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
                 return Err(io::Error::last_os_error());
             }
             guard.install()?;
+            qemu_caps.install()?;
             if let Some(ctx) = &exec_context {
                 selinux::set_exec_context(ctx)?;
             }

@@ -88,6 +88,47 @@ impl OffloadGuard {
     }
 }
 
+/// The capabilities QEMU keeps: CAP_DAC_OVERRIDE only (it opens disk
+/// images, kernels and firmware by path, whoever owns them). Set in the
+/// child just before exec; under no_new_privs the exec cannot add any, so
+/// a compromised QEMU cannot trace the agent, signal other processes or
+/// reconfigure the network with the agent's capabilities.
+pub struct QemuCaps {
+    header: [u32; 2],
+    data: [u32; 6],
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+const CAP_DAC_OVERRIDE_BIT: u32 = 1 << 1;
+
+impl QemuCaps {
+    pub fn new() -> QemuCaps {
+        QemuCaps {
+            header: [LINUX_CAPABILITY_VERSION_3, 0],
+            // {effective, permitted, inheritable} x 2 words
+            data: [CAP_DAC_OVERRIDE_BIT, CAP_DAC_OVERRIDE_BIT, 0, 0, 0, 0],
+        }
+    }
+
+    /// capset(2) on the calling thread. Async-signal-safe.
+    pub fn install(&self) -> io::Result<()> {
+        // SAFETY: header and data are the v3 layouts capset expects and
+        // live for the call.
+        let r =
+            unsafe { libc::syscall(libc::SYS_capset, self.header.as_ptr(), self.data.as_ptr()) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Default for QemuCaps {
+    fn default() -> Self {
+        QemuCaps::new()
+    }
+}
+
 impl Default for OffloadGuard {
     fn default() -> Self {
         OffloadGuard::new()
