@@ -181,6 +181,7 @@ impl Direct {
             ram: ram.clone(),
             taps: Default::default(),
             labels: None,
+            run_as: None,
             data_dirs: &[],
         })
         .await
@@ -193,17 +194,24 @@ impl Direct {
     async fn spawn_private(&mut self, mode: StartMode) -> (Arc<Qmp>, i32) {
         let (_, paths) = self.paths();
         std::fs::create_dir_all(&paths.dir).expect("dir");
-        let args = cmdline::build(
-            &self.def,
-            "pc-q35-7.2",
-            EffectiveAccel::Tcg,
-            &paths,
-            &self.log,
-            mode,
-        );
-        let args: Vec<String> = args
+        let args = cmdline::build(&self.def, "pc-q35-7.2", EffectiveAccel::Tcg, &paths, mode);
+        let mut raw: Vec<String> = args
             .into_iter()
             .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        // No agent here to pass the console fd: log to the file by path.
+        if let Some(i) = raw.iter().position(|a| a == "-add-fd") {
+            raw.drain(i..i + 2);
+        }
+        let log = self.log.display().to_string();
+        let args: Vec<String> = raw
+            .into_iter()
+            .map(|a| {
+                if a.starts_with(&format!("file,id={}", cmdline::CONSOLE_CHARDEV)) {
+                    return format!("file,id={},path={log},append=on", cmdline::CONSOLE_CHARDEV);
+                }
+                a
+            })
             .map(|a| {
                 if a.starts_with("memory-backend-file,") {
                     format!(

@@ -248,3 +248,69 @@ fn stuck_clients_and_the_connection_limit_do_not_block_others_or_a_migration() {
         .assert_intact("while clients misbehaved");
     rig.ok(&["destroy", "mig"]);
 }
+
+#[test]
+fn qemu_runs_as_an_unprivileged_user_and_migrates() {
+    let mut rig = Rig::new();
+    rig.kill_agent();
+    rig.start_agent_with(&[("QLIVE_QEMU_USER", "nobody")]);
+    std::fs::set_permissions(rig.dir.path(), std::fs::Permissions::from_mode(0o711))
+        .expect("chmod");
+    let img = rig.dir.path().join("disk.raw");
+    std::fs::write(&img, vec![0u8; 1 << 20]).expect("image");
+    nix::unistd::chown(
+        &img,
+        Some(nix::unistd::Uid::from_raw(NOBODY)),
+        Some(nix::unistd::Gid::from_raw(NOGROUP)),
+    )
+    .expect("chown");
+    rig.define_guest(
+        "unpriv",
+        256,
+        json!({"disks": [{"path": img, "format": "raw"}]}),
+    );
+    rig.ok(&["start", "unpriv"]);
+    rig.wait_heartbeat_past("unpriv", 300, Duration::from_secs(60));
+    let uid_of = |pid: u32| {
+        status_field(pid, "Uid")
+            .split_whitespace()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let qemu = rig.info("unpriv")["pid"].as_u64().expect("pid") as u32;
+    assert_eq!(uid_of(qemu), ["65534"; 4], "real, effective, saved, fs uid");
+    assert_eq!(cap_mask(qemu, "CapEff"), 0);
+    assert_eq!(status_field(qemu, "NoNewPrivs"), "1");
+
+    let r = rig.migrate(
+        "unpriv",
+        &["--emulator", new_qemu().to_str().expect("utf8")],
+    );
+    assert_eq!(r["result"], "success", "{r}");
+    let qemu2 = rig.info("unpriv")["pid"].as_u64().expect("pid") as u32;
+    assert_ne!(qemu, qemu2);
+    assert_eq!(uid_of(qemu2), ["65534"; 4]);
+    let hb = rig.wait_heartbeat_past(
+        "unpriv",
+        rig.heartbeat("unpriv").last + 200,
+        Duration::from_secs(30),
+    );
+    hb.assert_intact("after migrating an unprivileged QEMU");
+
+    // A disk the user may not write is refused at start, naming both.
+    let locked = rig.dir.path().join("locked.raw");
+    std::fs::write(&locked, vec![0u8; 1 << 20]).expect("image");
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    rig.define_guest(
+        "locked",
+        128,
+        json!({"disks": [{"path": locked, "format": "raw"}]}),
+    );
+    let (_, err) = rig.fails(&["start", "locked"]);
+    assert!(
+        err.contains("disks[0].path") && err.contains("nobody may not read and write"),
+        "{err}"
+    );
+    assert_eq!(rig.info("locked")["state"], "shut-off");
+    rig.ok(&["destroy", "unpriv"]);
+}

@@ -167,6 +167,7 @@ impl Mig {
                 .agent
                 .selinux_labels(&self.dom.name)
                 .map_err(|e| preflight(error_chain(&e)))?,
+            run_as: self.agent.qemu_user.as_ref(),
             data_dirs: &info.data_dirs,
         })
         .await
@@ -408,6 +409,8 @@ impl Agent {
             }
         }
         crate::migration::devices::preflight_disks(def, &src.disks).map_err(fail)?;
+        self.check_qemu_access(def)
+            .map_err(|e| fail(error_chain(&e)))?;
         Ok(info)
     }
 

@@ -50,6 +50,8 @@ pub struct Config {
     pub max_connections: usize,
     /// A connection that sends no request for this long is closed.
     pub idle_timeout: std::time::Duration,
+    /// Run QEMU instances as this user (None: as root).
+    pub qemu_user: Option<String>,
 }
 
 pub const DEFAULT_API_GROUP: &str = "qlive";
@@ -249,6 +251,8 @@ pub struct Agent {
     probes: ProbeCache,
     /// SELinux MCS pair per domain (domain::mcs).
     mcs: Mutex<crate::domain::mcs::McsTable>,
+    /// The resolved `qemu_user`.
+    pub(crate) qemu_user: Option<crate::instance::runas::QemuUser>,
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
@@ -287,6 +291,15 @@ impl Agent {
         let store = Store::open(&cfg.state_dir)?;
         let domids = DomidAllocator::open(&cfg.state_dir)?;
         let mcs = crate::domain::mcs::McsTable::open(&cfg.state_dir)?;
+        let qemu_user = match &cfg.qemu_user {
+            Some(name) => Some(
+                crate::instance::runas::QemuUser::resolve(name).map_err(|e| AgentError::Io {
+                    what: e.to_string(),
+                    source: io::Error::other("--qemu-user"),
+                })?,
+            ),
+            None => None,
+        };
         fsutil::create_dir(&cfg.state_dir.join("console"), 0o700).map_err(|source| {
             AgentError::Io {
                 what: "creating console log directory".into(),
@@ -300,6 +313,7 @@ impl Agent {
             table: Mutex::new(DomainTable::default()),
             probes: ProbeCache::default(),
             mcs: Mutex::new(mcs),
+            qemu_user,
             _lock: lock,
         });
         recover::recover(&agent).await?;
@@ -421,6 +435,20 @@ impl Agent {
         Ok(Some(crate::instance::selinux::Labels::new(
             self.mcs_pair(name)?,
         )))
+    }
+
+    /// Can the QEMU user open every file the definition names by path?
+    pub(crate) fn check_qemu_access(&self, def: &Definition) -> Result<(), AgentError> {
+        let Some(u) = &self.qemu_user else {
+            return Ok(());
+        };
+        crate::instance::runas::check_definition(u, def).map_err(|(field, reason)| {
+            DefinitionError::Invalid {
+                field,
+                reason: format!("QEMU runs as {}: {reason}", u.name),
+            }
+            .into()
+        })
     }
 
     pub(crate) fn release_mcs(&self, name: &str) {

@@ -170,6 +170,7 @@ impl Agent {
                 }
             }
         }
+        self.check_qemu_access(&st.def)?;
         let accel = match st.def.accel {
             Accel::Kvm => EffectiveAccel::Kvm,
             Accel::Tcg => EffectiveAccel::Tcg,
@@ -221,6 +222,7 @@ impl Agent {
             ram,
             taps,
             labels: self.selinux_labels(&dom.name)?,
+            run_as: self.qemu_user.as_ref(),
             data_dirs: &info.data_dirs,
         })
         .await

@@ -34,7 +34,15 @@ pub const KEEP: &[(Capability, &str)] = &[
     ),
     (
         Capability::CAP_CHOWN,
-        "give the API socket to the API group when not socket-activated",
+        "give the API socket to the API group, and an instance directory to the QEMU user",
+    ),
+    (
+        Capability::CAP_SETUID,
+        "start QEMU as the unprivileged QEMU user (--qemu-user), between fork and exec",
+    ),
+    (
+        Capability::CAP_SETGID,
+        "set that user's groups (e.g. kvm) for QEMU, between fork and exec",
     ),
 ];
 

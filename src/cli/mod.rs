@@ -46,6 +46,9 @@ pub enum Command {
         /// Seconds a connection may stay without sending a request.
         #[arg(long, env = "QLIVE_IDLE_TIMEOUT_S", default_value_t = agent::DEFAULT_IDLE_TIMEOUT_S)]
         idle_timeout_s: u64,
+        /// Run QEMU instances as this unprivileged user (default: root).
+        #[arg(long, env = "QLIVE_QEMU_USER")]
+        qemu_user: Option<String>,
     },
     /// Store a domain definition from a JSON file (`-` for stdin).
     Define { file: PathBuf },
@@ -143,6 +146,7 @@ pub async fn run(cli: Cli) -> i32 {
             api_group,
             max_connections,
             idle_timeout_s,
+            qemu_user,
         } => {
             let cfg = Config {
                 state_dir,
@@ -152,6 +156,7 @@ pub async fn run(cli: Cli) -> i32 {
                 api_group,
                 max_connections: max_connections.max(1),
                 idle_timeout: std::time::Duration::from_secs(idle_timeout_s.max(1)),
+                qemu_user: qemu_user.filter(|u| !u.is_empty()),
             };
             match agent::run(cfg).await {
                 Ok(()) => 0,

@@ -40,6 +40,14 @@ pub enum StartMode {
 pub const RAM_ID: &str = "qlive-ram";
 pub const QMP_CHARDEV: &str = "qlive-qmp";
 pub const CONSOLE_CHARDEV: &str = "qlive-console";
+/// The fd set the console log fd is added to (`-add-fd`).
+pub const CONSOLE_FDSET: u32 = 1;
+
+/// The fd number of the console log inside QEMU: after guest RAM (3) and
+/// one tap per NIC (4..).
+pub fn console_fd(def: &Definition) -> i32 {
+    crate::instance::tap::FIRST_TAP_FD + def.nics.len() as i32
+}
 
 /// QemuOpts values escape a comma by doubling it.
 pub fn qemu_opt_escape(p: &Path) -> String {
@@ -53,7 +61,6 @@ pub fn build(
     machine: &str,
     accel: EffectiveAccel,
     paths: &InstancePaths,
-    console_log: &Path,
     mode: StartMode,
 ) -> Vec<OsString> {
     let mut a: Vec<String> = Vec::new();
@@ -94,13 +101,14 @@ pub fn build(
         &format!("chardev={QMP_CHARDEV},mode=control"),
     ]);
     // The console: one per-domain log every instance appends to in turn
-    // (see crate::console for why not a socket chardev).
+    // (see crate::console for why not a socket chardev). The agent opens it
+    // (O_APPEND, never through a symlink) and passes the fd: QEMU, maybe
+    // running as an unprivileged user, needs no access to the state dir.
     push(&[
+        "-add-fd",
+        &format!("fd={},set={CONSOLE_FDSET}", console_fd(def)),
         "-chardev",
-        &format!(
-            "file,id={CONSOLE_CHARDEV},path={},append=on",
-            qemu_opt_escape(console_log)
-        ),
+        &format!("file,id={CONSOLE_CHARDEV},path=/dev/fdset/{CONSOLE_FDSET},append=on"),
         "-serial",
         &format!("chardev:{CONSOLE_CHARDEV}"),
     ]);
@@ -203,7 +211,6 @@ mod tests {
             "pc-q35-7.2",
             EffectiveAccel::Tcg,
             &p,
-            Path::new("/s/c.log"),
             StartMode::Boot,
         ));
         let j = a.join(" ");
@@ -233,7 +240,6 @@ mod tests {
             "pc-q35-7.2",
             EffectiveAccel::Tcg,
             &p1,
-            Path::new("/c"),
             StartMode::Boot,
         ));
         let b = s(&build(
@@ -241,7 +247,6 @@ mod tests {
             "pc-q35-7.2",
             EffectiveAccel::Tcg,
             &p2,
-            Path::new("/c"),
             StartMode::Incoming,
         ));
         let b_wo: Vec<_> = b
@@ -265,7 +270,6 @@ mod tests {
             "pc-q35-7.2",
             EffectiveAccel::Tcg,
             &p,
-            Path::new("/c"),
             StartMode::Boot,
         ))
         .join(" ");

@@ -13,6 +13,7 @@ pub mod memory;
 pub mod paths;
 pub mod probe;
 pub mod process;
+pub mod runas;
 pub mod sandbox;
 pub mod selinux;
 pub mod tap;
@@ -127,6 +128,9 @@ pub struct InstanceRecord {
     /// The disk images as the instance opened them.
     #[serde(default)]
     pub disks: Vec<DiskId>,
+    /// The user QEMU runs as, when not root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// A live instance held by the agent.
@@ -155,6 +159,8 @@ pub struct SpawnSpec<'a> {
     pub taps: Arc<Vec<Tap>>,
     /// The domain's SELinux labels; None when SELinux is not enabled.
     pub labels: Option<selinux::Labels>,
+    /// Run QEMU as this user; None: as root (the agent's user).
+    pub run_as: Option<&'a runas::QemuUser>,
     /// The emulator's firmware search path (from the probe), to resolve the
     /// firmware files the instance loads.
     pub data_dirs: &'a [PathBuf],
@@ -190,11 +196,23 @@ pub async fn spawn(spec: SpawnSpec<'_>) -> Result<Instance, InstanceError> {
             limit: paths::MAX_SOCKET_PATH,
         });
     }
+    // An unprivileged QEMU must be able to pass through the domain's run
+    // directory to its own instance directory, which it owns.
+    let parent_mode = if spec.run_as.is_some() { 0o711 } else { 0o700 };
     if let Some(parent) = paths.dir.parent() {
-        fsutil::create_dir(parent, 0o700).map_err(|source| InstanceError::CreateDir {
+        fsutil::create_dir(parent, parent_mode).map_err(|source| InstanceError::CreateDir {
             path: parent.to_path_buf(),
             source,
         })?;
+        if spec.run_as.is_some() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711)).map_err(
+                |source| InstanceError::CreateDir {
+                    path: parent.to_path_buf(),
+                    source,
+                },
+            )?;
+        }
     }
     std::fs::DirBuilder::new()
         .create(&paths.dir)
@@ -202,6 +220,19 @@ pub async fn spawn(spec: SpawnSpec<'_>) -> Result<Instance, InstanceError> {
             path: paths.dir.clone(),
             source,
         })?;
+    if let Some(u) = spec.run_as {
+        if let Err(e) = nix::unistd::chown(
+            &paths.dir,
+            Some(nix::unistd::Uid::from_raw(u.uid)),
+            Some(nix::unistd::Gid::from_raw(u.gid)),
+        ) {
+            cleanup_paths(&paths);
+            return Err(InstanceError::CreateDir {
+                path: paths.dir.clone(),
+                source: e.into(),
+            });
+        }
+    }
     let result = spawn_in_dir(&spec).await;
     if result.is_err() {
         cleanup_paths(&paths);
@@ -212,14 +243,21 @@ pub async fn spawn(spec: SpawnSpec<'_>) -> Result<Instance, InstanceError> {
 async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
     let paths = &spec.paths;
     let emulator = spec.def.emulator.clone();
-    let args = cmdline::build(
-        spec.def,
-        spec.machine,
-        spec.accel,
-        paths,
-        spec.console_log,
-        spec.mode,
-    );
+    let args = cmdline::build(spec.def, spec.machine, spec.accel, paths, spec.mode);
+    // The console log, opened here and passed (see cmdline).
+    let console = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(spec.console_log)
+            .map_err(|source| InstanceError::CreateDir {
+                path: spec.console_log.to_path_buf(),
+                source,
+            })?
+    };
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -237,6 +275,11 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
     for (i, t) in spec.taps.iter().enumerate() {
         fds.push((t.raw_fd(), FIRST_TAP_FD + i as i32));
     }
+    {
+        use std::os::fd::AsRawFd;
+        fds.push((console.as_raw_fd(), cmdline::console_fd(spec.def)));
+    }
+    let run_as = spec.run_as.cloned();
     if let Some(l) = &spec.labels {
         apply_labels(spec, l)?;
     }
@@ -277,8 +320,13 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
+            // Unprivileged user (all capabilities go with the uid), or
+            // root keeping CAP_DAC_OVERRIDE only.
+            match &run_as {
+                Some(u) => u.switch()?,
+                None => qemu_caps.install()?,
+            }
             guard.install()?;
-            qemu_caps.install()?;
             if let Some(ctx) = &exec_context {
                 selinux::set_exec_context(ctx)?;
             }
@@ -352,6 +400,7 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
             loaded,
             taps: spec.taps.iter().map(|t| t.name().to_string()).collect(),
             disks,
+            user: spec.run_as.map(|u| u.name.clone()),
         };
         Ok::<_, InstanceError>((record, qmp))
     };

@@ -58,6 +58,8 @@ wait_hb_past() {
 }
 wait_hb_past 100
 pid1=$(info pid)
+quser=$("${NS[@]}" ps -o user= -p "$pid1" | tr -d ' ')
+[ "$quser" = qlive-qemu ] || fail "QEMU runs as $quser, want qlive-qemu"
 step "guest running on QEMU $(info qemu_version), pid $pid1, heartbeat $(hb)"
 
 "${NS[@]}" systemctl restart qlive.service
