@@ -299,8 +299,34 @@ fn disk_and_network_survive_ten_migrations_including_7_2_to_10_0() {
         rig.info("dev")
     );
 
-    // Preflight: an image path that no longer opens is refused with the
-    // reason, before anything starts; the guest runs on.
+    // QEMU's image locking is on (never disabled): another opener is
+    // refused the write lock the running instance holds.
+    let info = std::process::Command::new("qemu-img")
+        .arg("info")
+        .arg(&img)
+        .output()
+        .expect("qemu-img info");
+    assert!(
+        !info.status.success() && String::from_utf8_lossy(&info.stderr).contains("lock"),
+        "image not locked by the running QEMU: {info:?}"
+    );
+
+    // Preflight: an image replaced under the running guest (same path,
+    // another file) is refused before anything starts...
+    let orig = rig.dir.path().join("disk.orig");
+    std::fs::hard_link(&img, &orig).expect("link");
+    let copy = rig.dir.path().join("disk.copy");
+    std::fs::copy(&img, &copy).expect("copy");
+    std::fs::rename(&copy, &img).expect("replace");
+    let (code, err) = rig.fails(&["migrate", "dev", "--emulator", new_qemu]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("disks[0]") && err.contains("different file"),
+        "{err}"
+    );
+    std::fs::rename(&orig, &img).expect("restore");
+
+    // ...and so is an image path that no longer opens; the guest runs on.
     let moved = rig.dir.path().join("disk.moved");
     std::fs::rename(&img, &moved).expect("rename");
     let pid = rig.info("dev")["pid"].as_i64();

@@ -510,6 +510,7 @@ impl Agent {
                 v["machine"] = json!(r.machine);
                 v["accel"] = json!(r.accel);
                 v["started_at"] = json!(r.started_at);
+                v["user"] = json!(r.user);
                 v["paths"] = json!({
                     "dir": r.paths.dir, "qmp": r.paths.qmp,
                     "console": self.console_log(&dom.name),

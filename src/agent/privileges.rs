@@ -2,10 +2,11 @@
 //! others at start, before any runtime thread exists (capability sets are
 //! per thread; threads created later inherit the reduced sets).
 //!
-//! QEMU instances and hooks are exec'd by the agent as root, so they get at
-//! most the bounding set below; each QEMU also runs with no_new_privs, a
-//! seccomp rule of qlive's and QEMU's own `-sandbox on` (see
-//! `instance::sandbox` and `instance::cmdline`). `systemd/qlive.service`
+//! Hooks are exec'd by the agent as root and get at most the bounding set
+//! below. QEMU gets less: as the QEMU user (`--qemu-user`) none at all, as
+//! root only CAP_DAC_OVERRIDE; it also runs with no_new_privs, a seccomp
+//! rule of qlive's and QEMU's own `-sandbox on` (`instance::sandbox`,
+//! `instance::runas`, `instance::cmdline`). `systemd/qlive.service`
 //! sets the same CapabilityBoundingSet; a unit test keeps the two equal.
 
 use caps::{CapSet, Capability};
@@ -26,7 +27,7 @@ pub const KEEP: &[(Capability, &str)] = &[
     ),
     (
         Capability::CAP_DAC_OVERRIDE,
-        "QEMU (which inherits the set) and the disk preflight open images, kernels and firmware whoever owns them",
+        "a root QEMU and the disk preflight open images, kernels and firmware whoever owns them; the agent reads and removes a QEMU user's instance directory",
     ),
     (
         Capability::CAP_FOWNER,

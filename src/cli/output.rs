@@ -78,6 +78,44 @@ pub fn info(v: &Value) {
             println!("{:<14} {}", format!("{k}:"), s(&v[k]));
         }
     }
+    if !v["user"].is_null() {
+        println!("{:<14} {}", "qemu user:", s(&v["user"]));
+    }
+    for (i, d) in v["disks"].as_array().into_iter().flatten().enumerate() {
+        println!(
+            "{:<14} {} ({}, cache {}, aio {}{})",
+            format!("disk{i}:"),
+            s(&d["path"]),
+            s(&d["format"]),
+            d["cache"].as_str().unwrap_or("writeback"),
+            d["aio"].as_str().unwrap_or("threads"),
+            if d["readonly"] == true {
+                ", read-only"
+            } else {
+                ""
+            }
+        );
+    }
+    for (i, n) in v["nics"].as_array().into_iter().flatten().enumerate() {
+        println!(
+            "{:<14} mac {} tap {}{}",
+            format!("net{i}:"),
+            s(&n["mac"]),
+            s(&n["tap"]),
+            n["bridge"]
+                .as_str()
+                .map(|b| format!(" bridge {b}"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(m) = v["selinux"]["mcs"].as_str() {
+        let applied = if v["selinux"]["applied"] == true {
+            "applied"
+        } else {
+            "recorded; SELinux not enabled here"
+        };
+        println!("{:<14} s0:{m} ({applied})", "selinux mcs:");
+    }
     if let Some(p) = v["paths"].as_object() {
         for (k, p) in p {
             println!("{:<14} {}", format!("path.{k}:"), s(p));

@@ -91,6 +91,7 @@ impl ConsoleHub {
                 .append(true)
                 .read(true)
                 .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .mode(0o600)
                 .open(&path)
         }
         .map_err(|source| ConsoleError::Open {

@@ -175,7 +175,7 @@ fn now_unix() -> u64 {
 
 /// Last lines of a QEMU log, for error messages.
 pub fn log_tail(path: &Path) -> String {
-    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let s = read_small_regular(path, 1 << 20).unwrap_or_default();
     let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
     let tail = &lines[lines.len().saturating_sub(5)..];
     if tail.is_empty() {
@@ -205,13 +205,17 @@ pub async fn spawn(spec: SpawnSpec<'_>) -> Result<Instance, InstanceError> {
             source,
         })?;
         if spec.run_as.is_some() {
+            // `<run>/domains/<name>` and `<run>/domains` (which an agent
+            // without a QEMU user created 0700).
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711)).map_err(
-                |source| InstanceError::CreateDir {
-                    path: parent.to_path_buf(),
-                    source,
-                },
-            )?;
+            for dir in [Some(parent), parent.parent()].into_iter().flatten() {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).map_err(
+                    |source| InstanceError::CreateDir {
+                        path: dir.to_path_buf(),
+                        source,
+                    },
+                )?;
+            }
         }
     }
     std::fs::DirBuilder::new()
@@ -286,8 +290,9 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
     let exec_context = spec.labels.as_ref().map(|l| l.process.clone());
     let guard = sandbox::OffloadGuard::new();
     let qemu_caps = sandbox::QemuCaps::new();
-    // guest RAM + one tap per NIC must fit the fixed array in pre_exec
-    const _: () = assert!(crate::domain::definition::MAX_NICS < 16);
+    // guest RAM, one tap per NIC and the console log must fit the fixed
+    // array in pre_exec
+    const _: () = assert!(crate::domain::definition::MAX_NICS + 2 <= 16);
     let mut cmd = std::process::Command::new(&emulator);
     cmd.args(&args)
         .stdin(std::process::Stdio::null())
@@ -472,8 +477,23 @@ async fn loaded_files(
     files
 }
 
+/// Read a file QEMU wrote in its (possibly user-owned) instance
+/// directory: never through a symlink, never a FIFO, at most `limit` bytes
+/// (the tail if longer).
+fn read_small_regular(path: &Path, limit: u64) -> io::Result<String> {
+    use std::io::{Read, Seek};
+    let mut f = fsutil::open_regular_nofollow(path).map_err(io::Error::other)?;
+    let len = f.metadata()?.len();
+    if len > limit {
+        f.seek(io::SeekFrom::Start(len - limit))?;
+    }
+    let mut buf = Vec::new();
+    f.take(limit).read_to_end(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
 pub fn read_pidfile(path: &Path) -> io::Result<i32> {
-    let s = std::fs::read_to_string(path)?;
+    let s = read_small_regular(path, 64)?;
     s.trim()
         .parse::<i32>()
         .ok()
