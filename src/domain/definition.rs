@@ -334,7 +334,19 @@ impl Definition {
                 limit: MAX_DEFINITION_BYTES,
             });
         }
-        let de = &mut serde_json::Deserializer::from_slice(bytes);
+        Definition::decode(&mut serde_json::Deserializer::from_slice(bytes))
+    }
+
+    /// A definition the agent stored: as strict as a new one (same types,
+    /// same [`Definition::validate`]) but without the input size limit, as
+    /// the agent may have grown it since (UUID, pinned machine type, a new
+    /// emulator path after a migration) and a file it wrote must load again.
+    pub fn from_stored(v: &serde_json::Value) -> Result<Definition, DefinitionError> {
+        Definition::decode(v)
+    }
+
+    /// Deserialize with the failing field's path in the error, then check.
+    fn decode<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Definition, DefinitionError> {
         let def: Definition = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             DefinitionError::Parse {

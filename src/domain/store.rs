@@ -173,10 +173,11 @@ impl Store {
                 found: doc.version,
             });
         }
-        let def = stored_definition(&doc.definition).map_err(|source| StoreError::Invalid {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let def =
+            Definition::from_stored(&doc.definition).map_err(|source| StoreError::Invalid {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let expected = path
             .file_stem()
             .and_then(|s| s.to_str())
@@ -242,27 +243,6 @@ impl Store {
         })?;
         fsutil::sync_dir(&self.dir).map_err(|source| StoreError::Remove { path, source })
     }
-}
-
-/// A stored definition, checked as strictly as a new one (same types, same
-/// [`Definition::validate`]) but without the input size limit: the agent
-/// itself may have grown it past that after it was accepted (UUID, pinned
-/// machine type, a new emulator path after a migration), and a file it
-/// wrote must load again. The file size is bounded by [`MAX_STORED_BYTES`].
-fn stored_definition(v: &serde_json::Value) -> Result<Definition, DefinitionError> {
-    let def: Definition = serde_path_to_error::deserialize(v).map_err(|e| {
-        let path = e.path().to_string();
-        DefinitionError::Parse {
-            path: if path == "." {
-                "(document)".into()
-            } else {
-                path
-            },
-            message: e.into_inner().to_string(),
-        }
-    })?;
-    def.validate()?;
-    Ok(def)
 }
 
 #[cfg(test)]
