@@ -69,16 +69,8 @@ fuzz_target!(|data: &[u8]| {
     round_trip(&def);
 
     let paths = InstancePaths::new(Path::new("/run/qlive"), &def.name, 1);
-    let console = Path::new("/var/lib/qlive/console/x.log");
     for mode in [StartMode::Boot, StartMode::Incoming] {
-        let argv = build(
-            &def,
-            "pc-q35-7.2",
-            EffectiveAccel::Tcg,
-            &paths,
-            console,
-            mode,
-        );
+        let argv = build(&def, "pc-q35-7.2", EffectiveAccel::Tcg, &paths, mode);
         let args: Vec<&str> = argv
             .iter()
             .map(|a| a.to_str().expect("argv is UTF-8"))
