@@ -12,6 +12,10 @@ fn main() {
     // Capabilities are per thread: drop them before the runtime's threads
     // exist, so none of them (and nothing they exec) has more.
     if is_agent {
+        if let Err(e) = qlive::instance::reserve_inherited_fd_numbers() {
+            eprintln!("qlive agent: reserving fd numbers: {e}");
+            std::process::exit(1);
+        }
         match qlive::agent::privileges::drop_all_but_kept() {
             Ok(kept) => {
                 let mut v: Vec<String> = kept.iter().map(|c| c.to_string()).collect();

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_of_one_domain_do_not_clash() {
+    qlive::instance::reserve_inherited_fd_numbers().expect("reserve fd numbers");
     let dir = tempfile::Builder::new()
         .prefix("ql")
         .tempdir_in("/tmp")

@@ -64,42 +64,48 @@ pub async fn serve(agent: Arc<Agent>, listener: UnixListener) -> anyhow::Result<
             }
         };
         let agent = agent.clone();
-        let policy = policy.clone();
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            let limit = agent.cfg.max_connections;
-            tracing::warn!(limit, "API connection refused: too many open connections");
-            if let Ok(r) = refusals.clone().try_acquire_owned() {
-                tokio::spawn(async move {
-                    let _r = r;
-                    refuse(
-                        stream,
-                        ApiError::new(
-                            ErrorKind::Busy,
-                            format!(
-                                "too many open connections to the agent (limit {limit}); try again"
-                            ),
-                        ),
-                    )
-                    .await
-                });
+        // Who is it? Checked before a connection slot is taken, so callers
+        // without access cannot crowd out those with it.
+        let peer = {
+            use std::os::fd::AsFd;
+            super::access::Peer::of(stream.as_fd())
+        };
+        let denied = match &peer {
+            Ok(p) => policy.check(p).err(),
+            Err(e) => Some(format!("permission denied: {}", super::error_chain(e))),
+        };
+        let refusal = if let Some(why) = denied {
+            tracing::warn!(peer = ?peer.ok(), "API access refused: {why}");
+            Some(ApiError::new(ErrorKind::PermissionDenied, why))
+        } else {
+            None
+        };
+        let slot = match refusal {
+            Some(e) => Err(e),
+            None => slots.clone().try_acquire_owned().map_err(|_| {
+                let limit = agent.cfg.max_connections;
+                tracing::warn!(limit, "API connection refused: too many open connections");
+                ApiError::new(
+                    ErrorKind::Busy,
+                    format!("too many open connections to the agent (limit {limit}); try again"),
+                )
+            }),
+        };
+        let slot = match slot {
+            Ok(s) => s,
+            Err(e) => {
+                // Answered by a bounded set of tasks; beyond that, closed.
+                if let Ok(r) = refusals.clone().try_acquire_owned() {
+                    tokio::spawn(async move {
+                        let _r = r;
+                        refuse(stream, e).await
+                    });
+                }
+                continue;
             }
-            continue;
         };
         tokio::spawn(async move {
             let _slot = slot;
-            let peer = {
-                use std::os::fd::AsFd;
-                super::access::Peer::of(stream.as_fd())
-            };
-            let denied = match &peer {
-                Ok(p) => policy.check(p).err(),
-                Err(e) => Some(format!("permission denied: {}", super::error_chain(e))),
-            };
-            if let Some(why) = denied {
-                tracing::warn!(peer = ?peer.ok(), "API access refused: {why}");
-                refuse(stream, ApiError::new(ErrorKind::PermissionDenied, why)).await;
-                return;
-            }
             if let Err(e) = connection(agent, stream).await {
                 tracing::debug!(error = %e, "API connection ended with error");
             }

@@ -209,7 +209,8 @@ pub fn parse_mac(m: &str) -> Option<[u8; 6]> {
     let mut parts = m.split(':');
     for b in out.iter_mut() {
         let p = parts.next()?;
-        if p.len() != 2 {
+        // from_str_radix alone would take "+1".
+        if p.len() != 2 || !p.bytes().all(|c| c.is_ascii_hexdigit()) {
             return None;
         }
         *b = u8::from_str_radix(p, 16).ok()?;
@@ -717,6 +718,7 @@ mod tests {
         );
         assert_eq!(parse_mac("00:00:00:00:00:00"), None);
         assert_eq!(parse_mac("52:54:00:aa:00"), None);
+        assert_eq!(parse_mac("52:54:00:+1:00:02"), None);
         assert_eq!(parse_mac("52:54:00:aa:00:01:02"), None);
     }
 

@@ -173,6 +173,37 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// Occupy every free fd number an instance inherits at (guest RAM, taps,
+/// console log) with /dev/null (close-on-exec), for the life of the
+/// process. Otherwise a pipe std creates just before a fork (to report a
+/// failed exec) could get one of those numbers, and placing an fd there in
+/// the child would replace it: an error record could then land in a tap,
+/// the console log or guest RAM. Call once at start, before other threads.
+pub fn reserve_inherited_fd_numbers() -> io::Result<()> {
+    let last = tap::FIRST_TAP_FD + crate::domain::definition::MAX_NICS as i32;
+    for n in GUEST_RAM_FD..=last {
+        // SAFETY: F_GETFD only probes whether `n` is open.
+        if unsafe { libc::fcntl(n, libc::F_GETFD) } >= 0 {
+            continue;
+        }
+        // SAFETY: open/dup3/close on fds this function owns; `n` is free.
+        unsafe {
+            let fd = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if fd != n {
+                let r = libc::dup3(fd, n, libc::O_CLOEXEC);
+                libc::close(fd);
+                if r < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Last lines of a QEMU log, for error messages.
 pub fn log_tail(path: &Path) -> String {
     let s = read_small_regular(path, 1 << 20).unwrap_or_default();
@@ -262,9 +293,13 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
                 source,
             })?
     };
+    // The directory is fresh (and may belong to the QEMU user): create the
+    // log exclusively, never through a link, never blocking on a FIFO.
+    use std::os::unix::fs::OpenOptionsExt;
     let log = std::fs::OpenOptions::new()
-        .create(true)
+        .create_new(true)
         .append(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(&paths.log)
         .map_err(|source| InstanceError::CreateDir {
             path: paths.log.clone(),
@@ -357,7 +392,9 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
         // A daemonized child may exist if QEMU failed late; kill it.
         if let Ok(pid) = read_pidfile(&paths.pid) {
             if let Ok(p) = Pidfd::open(pid) {
-                let _ = p.kill_and_wait(Duration::from_secs(5)).await;
+                if is_our_qemu(pid, spec).is_ok() {
+                    let _ = p.kill_and_wait(Duration::from_secs(5)).await;
+                }
             }
         }
         return Err(InstanceError::Start {
@@ -371,6 +408,15 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
         source,
     })?;
     let pidfd = Pidfd::open(pid)?;
+    // The pidfile is in a directory QEMU (maybe another user) can write:
+    // trust the pid only for the process started here.
+    if let Err(why) = is_our_qemu(pid, spec) {
+        return Err(InstanceError::Start {
+            emulator,
+            status: format!("pidfile names pid {pid}, {why}; nothing was signalled"),
+            log: log_tail(&paths.log),
+        });
+    }
     let finish = async {
         let process = ProcessIdentity::read(pid)?;
         let qmp = Qmp::connect(&paths.qmp)
@@ -423,6 +469,26 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
             Err(e)
         }
     }
+}
+
+/// Is `pid` the QEMU this spawn started: running as the expected user,
+/// with this instance's own QMP socket path on its command line?
+fn is_our_qemu(pid: i32, spec: &SpawnSpec<'_>) -> Result<(), String> {
+    let proc = procfs::process::Process::new(pid).map_err(|e| format!("unreadable: {e}"))?;
+    let uid = proc.uid().map_err(|e| format!("unreadable: {e}"))?;
+    let want = spec
+        .run_as
+        .map(|u| u.uid)
+        .unwrap_or_else(|| nix::unistd::geteuid().as_raw());
+    if uid != want {
+        return Err(format!("which runs as uid {uid}, not {want}"));
+    }
+    let cmdline = proc.cmdline().map_err(|e| format!("unreadable: {e}"))?;
+    let qmp = format!("path={}", cmdline::qemu_opt_escape(&spec.paths.qmp));
+    if !cmdline.iter().any(|a| a.contains(&qmp)) {
+        return Err("which is not the QEMU of this instance".to_string());
+    }
+    Ok(())
 }
 
 /// Label what the instance will use with the domain's MCS pair.

@@ -103,10 +103,18 @@ const CAP_DAC_OVERRIDE_BIT: u32 = 1 << 1;
 
 impl QemuCaps {
     pub fn new() -> QemuCaps {
+        // Never ask for more than the agent holds (capset would refuse).
+        let held = caps::has_cap(
+            None,
+            caps::CapSet::Permitted,
+            caps::Capability::CAP_DAC_OVERRIDE,
+        )
+        .unwrap_or(false);
+        let bit = if held { CAP_DAC_OVERRIDE_BIT } else { 0 };
         QemuCaps {
             header: [LINUX_CAPABILITY_VERSION_3, 0],
             // {effective, permitted, inheritable} x 2 words
-            data: [CAP_DAC_OVERRIDE_BIT, CAP_DAC_OVERRIDE_BIT, 0, 0, 0, 0],
+            data: [bit, bit, 0, 0, 0, 0],
         }
     }
 
