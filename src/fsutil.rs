@@ -101,12 +101,28 @@ pub fn file_kind(ft: fs::FileType) -> &'static str {
 /// so it cannot be swapped in between; O_NONBLOCK so a FIFO cannot block
 /// the open).
 pub fn open_regular_nofollow(path: &Path) -> Result<File, NotRegularError> {
+    open_regular_with(path, OpenOptions::new().read(true))
+}
+
+/// [`open_regular_nofollow`] for a log: created (mode 0600) if absent,
+/// opened for appending (and reading, for a follower).
+pub fn open_log_nofollow(path: &Path, read: bool) -> Result<File, NotRegularError> {
+    open_regular_with(
+        path,
+        OpenOptions::new()
+            .read(read)
+            .append(true)
+            .create(true)
+            .mode(0o600),
+    )
+}
+
+fn open_regular_with(path: &Path, opts: &mut OpenOptions) -> Result<File, NotRegularError> {
     let io_err = |source| NotRegularError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let f = match OpenOptions::new()
-        .read(true)
+    let f = match opts
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
     {

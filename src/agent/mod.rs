@@ -418,10 +418,7 @@ impl Agent {
     /// The domain's MCS pair, allocated (and persisted) if it has none.
     pub(crate) fn mcs_pair(&self, name: &str) -> Result<crate::domain::mcs::McsPair, AgentError> {
         let mut t = self.mcs.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(t.ensure(name, || {
-            let b = *uuid::Uuid::new_v4().as_bytes();
-            u32::from_le_bytes([b[0], b[1], b[2], b[3]])
-        })?)
+        Ok(t.ensure(name, random_u32)?)
     }
 
     /// The labels an instance of the domain gets: None without SELinux.
@@ -457,6 +454,13 @@ impl Agent {
             tracing::warn!(domain = name, error = %error_chain(&e), "releasing the MCS pair");
         }
     }
+}
+
+/// Random bits (the OS generator, through uuid's v4), for generated MACs
+/// and MCS pairs.
+pub(crate) fn random_u32() -> u32 {
+    let b = *uuid::Uuid::new_v4().as_bytes();
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
 /// Run the agent until SIGTERM/SIGINT. Guests keep running after it exits.

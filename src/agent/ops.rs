@@ -63,7 +63,7 @@ impl Agent {
         })?;
         let uuid = *def.uuid.get_or_insert_with(uuid::Uuid::new_v4);
         def.assign_nic_defaults(|| {
-            let b = *uuid::Uuid::new_v4().as_bytes();
+            let b = super::random_u32().to_le_bytes();
             [b[0], b[1], b[2]]
         });
         // What is stored must load again: check the completed definition.
@@ -369,14 +369,10 @@ impl Agent {
         if forced {
             tracing::info!(domain = %dom.name, secs = timeout.as_secs(), "guest did not power down in time; forcing off");
             inst.set_exit_intent(reason.clone());
-            inst.terminate(DESTROY_GRACE)
-                .await
-                .map_err(|source| AgentError::Stop {
-                    name: dom.name.clone(),
-                    source,
-                })?;
+            self.terminate_and_finish(&dom, &inst, reason).await?;
+        } else {
+            self.finish_instance(&dom, inst.domid(), reason).await;
         }
-        self.finish_instance(&dom, inst.domid(), reason).await;
         Ok(json!({"name": dom.name, "forced": forced}))
     }
 
@@ -414,15 +410,26 @@ impl Agent {
             }
         };
 
+        self.terminate_and_finish(&dom, &inst, "destroyed".into())
+            .await?;
+        Ok(json!({"name": dom.name}))
+    }
+
+    /// End `inst` (quit, SIGKILL after the grace) and record it ended.
+    async fn terminate_and_finish(
+        &self,
+        dom: &Domain,
+        inst: &Instance,
+        reason: String,
+    ) -> Result<(), AgentError> {
         inst.terminate(DESTROY_GRACE)
             .await
             .map_err(|source| AgentError::Stop {
                 name: dom.name.clone(),
                 source,
             })?;
-        self.finish_instance(&dom, inst.domid(), "destroyed".into())
-            .await;
-        Ok(json!({"name": dom.name}))
+        self.finish_instance(dom, inst.domid(), reason).await;
+        Ok(())
     }
 
     /// Per running domain: is its QEMU stale, and why (procfs; see

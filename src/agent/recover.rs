@@ -15,7 +15,10 @@
 use super::{error_chain, Agent, AgentError, Domain, Run};
 use crate::instance::process::ProcessError;
 use crate::instance::{
-    self, paths::domain_run_dir, process::Pidfd, Instance, InstanceError, InstanceRecord,
+    self,
+    paths::{domain_run_dir, InstancePaths},
+    process::Pidfd,
+    Instance, InstanceError, InstanceRecord,
 };
 use crate::migration::hooks::{self, HookEnv};
 use crate::migration::phase::{job_path, JobFile, Phase};
@@ -381,14 +384,13 @@ async fn unreachable_lost(dom: &Arc<Domain>, agent: &Arc<Agent>) {
 /// Kill the QEMU whose pidfile is in `dir`, if the process there really is
 /// that instance (its command line names the directory's QMP socket).
 pub(super) async fn kill_unrecorded(name: &str, dir: &std::path::Path) {
-    let Ok(pid) = instance::read_pidfile(&dir.join("pid")) else {
+    let paths = InstancePaths::in_dir(dir);
+    let Ok(pid) = instance::read_pidfile(&paths.pid) else {
         return;
     };
     // pidfd first: the process checked below is the process killed.
     let Ok(pfd) = Pidfd::open(pid) else { return };
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let needle = dir.join("qmp.sock");
-    if !String::from_utf8_lossy(&cmdline).contains(&*needle.to_string_lossy()) {
+    if !instance::runs_instance(pid, &paths) {
         return;
     }
     tracing::warn!(domain = name, dir = %dir.display(), pid, "killing QEMU of this domain");

@@ -113,14 +113,22 @@ pub async fn serve(agent: Arc<Agent>, listener: UnixListener) -> anyhow::Result<
     }
 }
 
+/// The request lines of a connection, as bytes (invalid UTF-8 is a bad
+/// request, not a dead connection), at most [`MAX_REQUEST_BYTES`] each.
+fn request_lines(
+    r: tokio::net::unix::OwnedReadHalf,
+) -> FramedRead<tokio::net::unix::OwnedReadHalf, AnyDelimiterCodec> {
+    let codec =
+        AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), MAX_REQUEST_BYTES);
+    FramedRead::new(r, codec)
+}
+
 /// Answer a connection that may not be served with `e`: read (and drop)
 /// its first request, briefly, so the client is not cut off mid-write,
 /// then answer and close. Nothing is executed.
 async fn refuse(stream: UnixStream, e: ApiError) {
     let (r, mut w) = stream.into_split();
-    let codec =
-        AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), MAX_REQUEST_BYTES);
-    let mut lines = FramedRead::new(r, codec);
+    let mut lines = request_lines(r);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), lines.next()).await;
     let _ = write_response(&mut w, &Response::err(e)).await;
 }
@@ -143,10 +151,7 @@ async fn write_response(
 
 async fn connection(agent: Arc<Agent>, stream: UnixStream) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
-    // Bytes, not String: invalid UTF-8 is a bad request, not a dead connection.
-    let codec =
-        AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), MAX_REQUEST_BYTES);
-    let mut lines = FramedRead::new(r, codec);
+    let mut lines = request_lines(r);
     let idle = agent.cfg.idle_timeout;
     loop {
         let line = match tokio::time::timeout(idle, lines.next()).await {

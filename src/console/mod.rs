@@ -81,23 +81,14 @@ impl ConsoleHub {
     /// Creates the file if needed. The task runs until aborted.
     pub fn follow(&self, log: &Path) -> Result<tokio::task::JoinHandle<()>, ConsoleError> {
         let path = log.to_path_buf();
-        // Never through a symlink: the log lives in the agent's state dir,
-        // and a link there must not make the agent create or read a file
-        // elsewhere.
-        let mut file = {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .mode(0o600)
-                .open(&path)
-        }
-        .map_err(|source| ConsoleError::Open {
-            path: path.clone(),
-            source,
-        })?;
+        // Never through a symlink (nor a FIFO): the log lives in the agent's
+        // state dir, and a link there must not make the agent create or
+        // read a file elsewhere.
+        let mut file =
+            crate::fsutil::open_log_nofollow(&path, true).map_err(|e| ConsoleError::Open {
+                path: path.clone(),
+                source: std::io::Error::other(e),
+            })?;
         let ino =
             Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).map_err(|source| {
                 ConsoleError::Watch {

@@ -279,20 +279,14 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
     let paths = &spec.paths;
     let emulator = spec.def.emulator.clone();
     let args = cmdline::build(spec.def, spec.machine, spec.accel, paths, spec.mode);
-    // The console log, opened here and passed (see cmdline).
-    let console = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(spec.console_log)
-            .map_err(|source| InstanceError::CreateDir {
-                path: spec.console_log.to_path_buf(),
-                source,
-            })?
-    };
+    // The console log, opened here and passed (see cmdline): never through
+    // a link, never a FIFO or device.
+    let console = fsutil::open_log_nofollow(spec.console_log, false).map_err(|e| {
+        InstanceError::CreateDir {
+            path: spec.console_log.to_path_buf(),
+            source: io::Error::other(e),
+        }
+    })?;
     // The directory is fresh (and may belong to the QEMU user): create the
     // log exclusively, never through a link, never blocking on a FIFO.
     use std::os::unix::fs::OpenOptionsExt;
@@ -483,12 +477,20 @@ fn is_our_qemu(pid: i32, spec: &SpawnSpec<'_>) -> Result<(), String> {
     if uid != want {
         return Err(format!("which runs as uid {uid}, not {want}"));
     }
-    let cmdline = proc.cmdline().map_err(|e| format!("unreadable: {e}"))?;
-    let qmp = format!("path={}", cmdline::qemu_opt_escape(&spec.paths.qmp));
-    if !cmdline.iter().any(|a| a.contains(&qmp)) {
+    if !runs_instance(pid, &spec.paths) {
         return Err("which is not the QEMU of this instance".to_string());
     }
     Ok(())
+}
+
+/// Does process `pid` have this instance's own QMP socket on its command
+/// line, i.e. is it the QEMU of these paths (and no other process a
+/// pidfile might name)?
+pub fn runs_instance(pid: i32, paths: &InstancePaths) -> bool {
+    let qmp = format!("path={}", cmdline::qemu_opt_escape(&paths.qmp));
+    procfs::process::Process::new(pid)
+        .and_then(|p| p.cmdline())
+        .is_ok_and(|args| args.iter().any(|a| a.contains(&qmp)))
 }
 
 /// Label what the instance will use with the domain's MCS pair.

@@ -20,7 +20,12 @@ pub struct InstancePaths {
 
 impl InstancePaths {
     pub fn new(run_dir: &Path, name: &str, domid: u64) -> InstancePaths {
-        let dir = domain_run_dir(run_dir, name).join(domid.to_string());
+        InstancePaths::in_dir(&domain_run_dir(run_dir, name).join(domid.to_string()))
+    }
+
+    /// The paths of the instance whose directory is `dir`.
+    pub fn in_dir(dir: &Path) -> InstancePaths {
+        let dir = dir.to_path_buf();
         InstancePaths {
             qmp: dir.join("qmp.sock"),
             migrate: dir.join("migrate.sock"),

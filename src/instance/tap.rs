@@ -159,14 +159,18 @@ impl Tap {
                 source: io::Error::last_os_error(),
             });
         }
+        let ctl = ctl_socket().map_err(|source| TapError::LinkUp {
+            name: tap.name.clone(),
+            source,
+        })?;
         if let Some(br) = bridge {
-            bridge_add(br, &tap.name).map_err(|source| TapError::Bridge {
+            bridge_add(&ctl, br, &tap.name).map_err(|source| TapError::Bridge {
                 name: tap.name.clone(),
                 bridge: br.into(),
                 source,
             })?;
         }
-        link_up(&tap.name).map_err(|source| TapError::LinkUp {
+        link_up(&ctl, &tap.name).map_err(|source| TapError::LinkUp {
             name: tap.name.clone(),
             source,
         })?;
@@ -232,8 +236,7 @@ fn ctl_socket() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(s) })
 }
 
-fn link_up(name: &str) -> io::Result<()> {
-    let s = ctl_socket()?;
+fn link_up(s: &OwnedFd, name: &str) -> io::Result<()> {
     let mut req = IfReqFlags {
         name: ifname_bytes(name),
         flags: 0,
@@ -252,14 +255,13 @@ fn link_up(name: &str) -> io::Result<()> {
     Ok(())
 }
 
-fn bridge_add(bridge: &str, port: &str) -> io::Result<()> {
+fn bridge_add(s: &OwnedFd, bridge: &str, port: &str) -> io::Result<()> {
     let cport = std::ffi::CString::new(port).map_err(io::Error::other)?;
     // SAFETY: a valid NUL-terminated name.
     let index = unsafe { libc::if_nametoindex(cport.as_ptr()) };
     if index == 0 {
         return Err(io::Error::last_os_error());
     }
-    let s = ctl_socket()?;
     let req = IfReqIndex {
         name: ifname_bytes(bridge),
         index: index as libc::c_int,
