@@ -38,9 +38,12 @@ deb: deps selinux
 demo: build guest qemu-new
 	scripts/demo.sh
 
-lint:
+# Rust formatting and clippy, and every shell script (shellcheck, no
+# early-exiting reader in a pipefail pipeline): scripts/lint-shell.sh.
+lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+	scripts/lint-shell.sh
 
 # Fuzz the API request parser and the definition validator, FUZZ_SECONDS
 # (default 60) each, from the seed corpus in fuzz/corpus (docs/fuzzing.md).

@@ -55,7 +55,7 @@ sleep 2
 "$QLIVE" info demo | sed -n '1,9p'
 
 echo
-echo "== live upgrade: $("$QLIVE" info demo --json | grep -o '"qemu_version": *"[^"]*"') -> $("$NEW_QEMU" -version | head -1)"
+echo "== live upgrade: $("$QLIVE" info demo --json | grep -o '"qemu_version": *"[^"]*"') -> $("$NEW_QEMU" -version | sed -n 1p)"
 "$HBGAP" "$log" -- "$QLIVE" migrate demo --emulator "$NEW_QEMU"
 sleep 1
 "$QLIVE" info demo | sed -n '1,9p'

@@ -11,13 +11,13 @@ SUDO=""
 missing=0
 # qemu-system-x86 7.2 is Debian 12's own QEMU: the "old" hypervisor.
 for cmd in qemu-system-x86_64 qemu-img cpio gcc ip unshare nsenter pkg-config systemctl python3 pgrep \
-  checkmodule semodule_package semodule_link semodule_expand m4; do
+  checkmodule semodule_package semodule_link semodule_expand m4 shellcheck; do
   command -v "$cmd" >/dev/null 2>&1 || missing=1
 done
 [ -e /usr/share/seabios/bios-256k.bin ] || missing=1
 [ -r /usr/share/selinux/devel/Makefile ] || missing=1
 pkg-config --exists libsystemd 2>/dev/null || missing=1
-dpkg-query -W -f='${Status}' qemu-system-x86 2>/dev/null | grep -q "ok installed" || missing=1
+[ "$(dpkg-query -W -f='${Status}' qemu-system-x86 2>/dev/null || true)" = "install ok installed" ] || missing=1
 
 if [ "$missing" = 1 ]; then
   echo "deps: installing Debian packages"
@@ -25,14 +25,17 @@ if [ "$missing" = 1 ]; then
   # Some images carry qemu-utils from bookworm-backports, whose version
   # Breaks qemu-system-common 7.2: take qemu-utils from bookworm too.
   utils="qemu-utils"
-  if apt-cache policy qemu-utils | grep -q '~bpo12'; then
+  # Capture, then match: `apt-cache policy | grep -q` under pipefail fails
+  # at random (grep exits at the first match, apt-cache dies of SIGPIPE).
+  policy=$(apt-cache policy qemu-utils)
+  if grep -q '~bpo12' <<<"$policy"; then
     utils="qemu-utils/bookworm"
   fi
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 -q install -y \
     --no-install-recommends --allow-downgrades \
     qemu-system-x86 "$utils" seabios ipxe-qemu cpio gcc libc6-dev iproute2 util-linux kmod xz-utils \
     libsystemd-dev pkg-config systemd python3 procps \
-    selinux-policy-dev checkpolicy semodule-utils policycoreutils bzip2
+    selinux-policy-dev checkpolicy semodule-utils policycoreutils bzip2 shellcheck
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

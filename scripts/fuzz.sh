@@ -79,7 +79,7 @@ for t in "${targets[@]}"; do
   fi
   rate=$(( runs / (secs > 0 ? secs : 1) ))
   cov=$(grep -o 'cov: [0-9]*' "$log" | tail -n1 || true)
-  summary+=("$t: $runs runs in ${secs}s = $rate exec/s (${cov:-cov: ?}, corpus $(ls "$corpus" | wc -l) inputs, sanitizer $sanitizer)")
+  summary+=("$t: $runs runs in ${secs}s = $rate exec/s (${cov:-cov: ?}, corpus $(find "$corpus" -maxdepth 1 -type f | wc -l) inputs, sanitizer $sanitizer)")
 done
 
 echo "fuzz: summary"

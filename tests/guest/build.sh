@@ -68,17 +68,25 @@ if [[ -n $cand && $cand != "(none)" ]]; then
         awk '/Depends: linux-image-[0-9].*-amd64$/ {print $2; exit}')
 fi
 
+# The highest version (sort -V) among the files that exist of those named.
+newest() {
+    local f
+    for f in "$@"; do
+        if [[ -e $f ]]; then printf '%s\n' "$f"; fi
+    done | sort -V | tail -n1
+}
+
 deb=""
 if [[ -n $pkg ]]; then
-    deb=$(ls -1 "$CACHE/${pkg}"_*.deb 2>/dev/null | sort -V | tail -n1 || true)
+    deb=$(newest "$CACHE/${pkg}"_*.deb)
     if [[ -z $deb ]]; then
         log "downloading $pkg"
         (cd "$CACHE" && "${APT[@]}" -o APT::Sandbox::User=root download "$pkg" >&2)
-        deb=$(ls -1 "$CACHE/${pkg}"_*.deb | sort -V | tail -n1)
+        deb=$(newest "$CACHE/${pkg}"_*.deb)
     fi
 else
     # offline fallback: whatever was downloaded before
-    deb=$(ls -1 "$CACHE"/linux-image-[0-9]*-amd64_*.deb 2>/dev/null | sort -V | tail -n1 || true)
+    deb=$(newest "$CACHE"/linux-image-[0-9]*-amd64_*.deb)
 fi
 if [[ -z $deb ]]; then
     log "cannot resolve or download the Debian kernel package"
@@ -93,7 +101,8 @@ KROOT=$WORK/kernel
 mkdir -p "$KROOT"
 dpkg-deb -x "$deb" "$KROOT"
 
-vmlinuz=$(ls -1 "$KROOT"/boot/vmlinuz-* | sort -V | tail -n1)
+vmlinuz=$(newest "$KROOT"/boot/vmlinuz-*)
+[[ -n $vmlinuz ]] || { log "no /boot/vmlinuz-* in $(basename "$deb")"; exit 1; }
 kver=${vmlinuz##*/vmlinuz-}
 config=$KROOT/boot/config-$kver
 moddir=$KROOT/lib/modules/$kver
@@ -116,7 +125,7 @@ done < <(find "$moddir/kernel" -name '*.ko' -o -name '*.ko.xz' -o -name '*.ko.zs
 builtin() {
     local m=$1
     [[ -f $moddir/modules.builtin ]] &&
-        sed 's#.*/##; s#\.ko$##; s#-#_#g' "$moddir/modules.builtin" | grep -qx "$m"
+        sed 's#.*/##; s#\.ko$##; s#-#_#g' "$moddir/modules.builtin" | grep -cx "$m" >/dev/null
 }
 
 decompress_to() { # src dst
@@ -150,7 +159,7 @@ visit() { # depth-first, dependencies first
     done
     mv "$tmp" "$ROOT/lib/modules/$m.ko"
     ORDER+=("$m")
-    STATE[$m]=done
+    STATE[$m]="done"
 }
 for m in "${WANT_MODULES[@]}"; do
     visit "$m"
@@ -158,7 +167,7 @@ done
 modules=$(IFS=,; echo "${ORDER[*]}")
 log "modules: $modules"
 for opt in CONFIG_VIRTIO CONFIG_VIRTIO_PCI CONFIG_VIRTIO_NET CONFIG_VIRTIO_BLK CONFIG_SERIAL_8250 CONFIG_DEVTMPFS; do
-    log "  $(grep -E "^(# )?$opt[= ]" "$config" || echo "$opt unknown")"
+    log "  $(grep -E "^(# )?${opt}[= ]" "$config" || echo "$opt unknown")"
 done
 
 # ---- init ----
@@ -171,7 +180,7 @@ strip "$ROOT/init" 2>/dev/null || true
 cp "$vmlinuz" "$WORK/vmlinuz"
 # Also the uncompressed ELF kernel: QEMU boots it through its PVH entry point
 # (CONFIG_PVH=y), which skips the in-guest decompression (~3.5 s under TCG).
-off=$(LC_ALL=C grep -obUaP '\xfd7zXZ\x00' "$vmlinuz" | head -n1 | cut -d: -f1 || true)
+off=$(LC_ALL=C grep -obUaP '\xfd7zXZ\x00' "$vmlinuz" | awk -F: 'NR == 1 {print $1}' || true)
 if [[ -n $off ]] && grep -q '^CONFIG_PVH=y' "$config" &&
     tail -c +$((off + 1)) "$vmlinuz" >"$WORK/payload.xz" &&
     xz -dc --single-stream "$WORK/payload.xz" >"$WORK/vmlinux" 2>/dev/null &&

@@ -56,6 +56,7 @@ fi
 command -v dpkg-deb >/dev/null || die "dpkg-deb not found (Debian only)"
 
 # ---- enable bookworm-backports --------------------------------------------------
+# shellcheck source=/dev/null  # the host's file, not part of the repository
 . /etc/os-release
 CODENAME=${VERSION_CODENAME:-bookworm}
 BPO_SUITE=$CODENAME-backports

@@ -13,8 +13,8 @@ unshare --pid --fork --mount --mount-proc --uts --ipc --net --cgroup --propagati
 echo $! >"$S/unshare.pid"
 pid=""
 for _ in $(seq 100); do
-  pid=$(pgrep -P "$(cat "$S/unshare.pid")" 2>/dev/null | head -1 || true)
-  [ -n "$pid" ] && [ "$(cat /proc/$pid/comm 2>/dev/null)" = systemd ] && break
+  pid=$(pgrep -P "$(cat "$S/unshare.pid")" 2>/dev/null | sed -n 1p || true)
+  [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = systemd ] && break
   sleep 0.1
 done
 [ -n "$pid" ] || { echo "boot-ns: systemd did not start: $(cat "$S/boot.log")" >&2; exit 1; }

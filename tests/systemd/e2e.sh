@@ -15,6 +15,15 @@ mkdir -p "$S"; S=$(realpath "$S")
 pid=""
 fail() { echo "e2e: FAIL: $*" >&2; exit 1; }
 step() { echo "e2e: $*"; }
+# output_has PATTERN CMD...: CMD's output matches PATTERN. Capture first, then
+# match: `CMD | grep -q` under pipefail fails at random (grep exits at the
+# first match and CMD dies of SIGPIPE).
+output_has() {
+  local pat=$1 out
+  shift
+  out=$("$@") || return 1
+  grep -q -- "$pat" <<<"$out"
+}
 cleanup() {
   set +e
   if [ -n "$pid" ] && [ -d "/proc/$pid" ]; then
@@ -39,7 +48,7 @@ mode=$("${NS[@]}" stat -c '%a %U:%G' /run/qlive/qlive.sock)
 [ "$mode" = "660 root:qlive" ] || fail "API socket is $mode, want 660 root:qlive"
 "${NS[@]}" systemd-analyze verify /lib/systemd/system/qlive.service /lib/systemd/system/qlive.socket \
   /lib/systemd/system/qlive-upgrade.service || fail "systemd-analyze verify"
-"${NS[@]}" dpkg-query -W -f='${Status}' qlive | grep -q "install ok installed" || fail "qlive not installed"
+[ "$("${NS[@]}" dpkg-query -W -f="\${Status}" qlive)" = "install ok installed" ] || fail "qlive not installed"
 step "package installed; units verified; socket 660 root:qlive"
 
 cat >"$S/vm.json" <<JSON
@@ -51,6 +60,7 @@ JSON
 "${NS[@]}" qlive start vm >/dev/null
 "${NS[@]}" systemctl is-active --quiet qlive.service || fail "socket activation did not start qlive.service"
 info() { "${NS[@]}" qlive info vm --json | python3 -c "import json,sys; d=json.load(sys.stdin); print(d['$1'])"; }
+# shellcheck disable=SC2016  # $2 is awk's field, not the shell's
 hb() { "${NS[@]}" awk '/^HB [0-9]+$/{n=$2} END{print n+0}' /var/lib/qlive/console/vm.log; }
 wait_hb_past() {
   for _ in $(seq 600); do [ "$(hb)" -gt "$1" ] && return 0; sleep 0.1; done
@@ -66,13 +76,13 @@ step "guest running on QEMU $(info qemu_version), pid $pid1, heartbeat $(hb)"
 "${NS[@]}" systemctl is-active --quiet qlive.service || fail "qlive.service not active after restart"
 [ "$(info pid)" = "$pid1" ] || fail "guest QEMU changed across an agent restart"
 [ "$(info state)" = running ] || fail "guest not running after agent restart"
-"${NS[@]}" journalctl -u qlive.service --no-pager | grep -q "re-adopted running instance" ||
+output_has "re-adopted running instance" "${NS[@]}" journalctl -u qlive.service --no-pager ||
   fail "journal lacks the re-adoption"
 h=$(hb); wait_hb_past "$((h + 300))"
 step "systemctl restart qlive.service: guest kept running (pid $pid1), re-adopted"
 
-"${NS[@]}" qlive stale | grep -q "vm: current" || fail "guest stale before any upgrade"
-step "upgrading QEMU with dpkg: $(ls "$NEWDEBS" | tr '\n' ' ')"
+output_has "vm: current" "${NS[@]}" qlive stale || fail "guest stale before any upgrade"
+step "upgrading QEMU with dpkg: $(cd "$NEWDEBS" && echo *.deb)"
 "${NS[@]}" dpkg -i "$NEWDEBS"/*.deb >"$S/dpkg-qemu.log" 2>&1 || fail "dpkg -i qemu 10: $(tail -5 "$S/dpkg-qemu.log")"
 grep -q "Processing triggers for qlive" "$S/dpkg-qemu.log" || fail "qlive's dpkg trigger did not fire"
 for _ in $(seq 600); do
@@ -86,9 +96,9 @@ for _ in $(seq 100); do
 done
 res=$("${NS[@]}" systemctl show -p Result --value qlive-upgrade.service)
 [ "$res" = success ] || fail "qlive-upgrade.service result $res"
-"${NS[@]}" journalctl -u qlive-upgrade.service --no-pager | grep -q '"summary":{' || fail "no JSON summary in the journal"
+output_has '"summary":{' "${NS[@]}" journalctl -u qlive-upgrade.service --no-pager || fail "no JSON summary in the journal"
 [ "$(info pid)" != "$pid1" ] || fail "guest pid unchanged after upgrade"
-"${NS[@]}" qlive stale | grep -q "vm: current (QEMU 10." || fail "guest still stale after upgrade"
+output_has "vm: current (QEMU 10." "${NS[@]}" qlive stale || fail "guest still stale after upgrade"
 n=$("${NS[@]}" pgrep -c qemu-system || true)
 [ "$n" = 1 ] || fail "$n QEMU processes in the namespace, want 1"
 h=$(hb); wait_hb_past "$((h + 300))"
