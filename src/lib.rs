@@ -19,8 +19,10 @@
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod config;
 pub mod console;
 pub mod domain;
+pub mod error;
 pub mod fsutil;
 pub mod instance;
 pub mod migration;

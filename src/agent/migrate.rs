@@ -5,8 +5,9 @@
 //! mid-way cannot cancel it between two phases; `abort` is the way to stop
 //! one, and only until switchover.
 
-use super::{error_chain, Agent, AgentError, Domain, Run};
+use super::{Agent, AgentError, Domain, Run};
 use crate::domain::Definition;
+use crate::error::chain as error_chain;
 use crate::instance::cmdline::StartMode;
 use crate::instance::paths::{domain_run_dir, InstancePaths};
 use crate::instance::{self, Instance, SpawnSpec};
@@ -22,7 +23,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
-pub const DEFAULT_TIMEOUT_S: u64 = 300;
 /// Test-only: `<phase>:before|after` makes the migration task stop there
 /// (after writing a marker file) so a test can SIGKILL the agent.
 pub const TEST_PAUSE_ENV: &str = "QLIVE_TEST_PAUSE_AT";

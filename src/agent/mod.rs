@@ -11,11 +11,6 @@ pub mod access;
 mod migrate;
 mod ops;
 pub mod privileges;
-pub use ops::DEFAULT_STOP_TIMEOUT_S;
-
-pub const fn migrate_default_timeout() -> u64 {
-    migrate::DEFAULT_TIMEOUT_S
-}
 mod recover;
 mod sd;
 mod server;
@@ -32,31 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/qlive";
-pub const DEFAULT_RUN_DIR: &str = "/run/qlive";
-pub const DEFAULT_SOCKET: &str = "/run/qlive/qlive.sock";
-pub const DEFAULT_HOOKS_DIR: &str = "/etc/qlive/hooks.d";
-
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub state_dir: PathBuf,
-    pub run_dir: PathBuf,
-    pub socket: PathBuf,
-    /// Required-feature hooks run on the migration destination.
-    pub hooks_dir: PathBuf,
-    /// Group whose members may use the API (besides root).
-    pub api_group: String,
-    /// Open API connections at most; more are refused with `busy`.
-    pub max_connections: usize,
-    /// A connection that sends no request for this long is closed.
-    pub idle_timeout: std::time::Duration,
-    /// Run QEMU instances as this user (None: as root).
-    pub qemu_user: Option<String>,
-}
-
-pub const DEFAULT_API_GROUP: &str = "qlive";
-pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
-pub const DEFAULT_IDLE_TIMEOUT_S: u64 = 60;
+use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -130,23 +101,8 @@ impl AgentError {
     }
 
     pub fn to_api(&self) -> ApiError {
-        ApiError::new(self.kind(), error_chain(self))
+        ApiError::new(self.kind(), crate::error::chain(self))
     }
-}
-
-/// "outer: cause: root cause", skipping repeats.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 /// What a domain is doing.
@@ -216,7 +172,7 @@ impl Domain {
                 }
             }
             Err(e) => {
-                tracing::warn!(domain = %self.name, error = %error_chain(&e), "live console unavailable")
+                tracing::warn!(domain = %self.name, error = %crate::error::chain(&e), "live console unavailable")
             }
         }
     }
@@ -451,7 +407,7 @@ impl Agent {
     pub(crate) fn release_mcs(&self, name: &str) {
         let mut t = self.mcs.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = t.release(name) {
-            tracing::warn!(domain = name, error = %error_chain(&e), "releasing the MCS pair");
+            tracing::warn!(domain = name, error = %crate::error::chain(&e), "releasing the MCS pair");
         }
     }
 }
@@ -467,7 +423,7 @@ pub(crate) fn random_u32() -> u32 {
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let agent = Agent::open(cfg)
         .await
-        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+        .map_err(|e| anyhow::anyhow!(crate::error::chain(&e)))?;
     let activated = sd::activated_listener();
     let socket_activated = activated.is_some();
     let listener = match activated {

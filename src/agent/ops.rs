@@ -1,9 +1,10 @@
 //! Request handlers: one function per API operation.
 
-use super::{error_chain, path_str, Agent, AgentError, Domain, Run};
+use super::{path_str, Agent, AgentError, Domain, Run};
 use crate::api::Request;
 use crate::domain::definition::Accel;
 use crate::domain::{Definition, DefinitionError};
+use crate::error::chain as error_chain;
 use crate::instance::cmdline::{EffectiveAccel, StartMode};
 use crate::instance::memory::GuestRam;
 use crate::instance::paths::InstancePaths;
@@ -12,7 +13,7 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub const DEFAULT_STOP_TIMEOUT_S: u64 = 60;
+use crate::api::{DEFAULT_MIGRATE_TIMEOUT_S, DEFAULT_STOP_TIMEOUT_S};
 const DESTROY_GRACE: Duration = Duration::from_secs(5);
 
 impl Agent {
@@ -37,8 +38,7 @@ impl Agent {
                 emulator,
                 timeout_s,
             } => {
-                let timeout =
-                    Duration::from_secs(timeout_s.unwrap_or(super::migrate::DEFAULT_TIMEOUT_S));
+                let timeout = Duration::from_secs(timeout_s.unwrap_or(DEFAULT_MIGRATE_TIMEOUT_S));
                 self.migrate(&name, emulator, timeout).await
             }
             Request::Job { name } => self.job(&name).await,

@@ -12,7 +12,8 @@
 //!   but never recorded. The status is written before `cont`, so such a
 //!   QEMU never ran guest code: it is killed and its directory removed.
 
-use super::{error_chain, Agent, AgentError, Domain, Run};
+use super::{Agent, AgentError, Domain, Run};
+use crate::error::chain as error_chain;
 use crate::instance::process::ProcessError;
 use crate::instance::{
     self,

@@ -72,7 +72,7 @@ pub async fn serve(agent: Arc<Agent>, listener: UnixListener) -> anyhow::Result<
         };
         let denied = match &peer {
             Ok(p) => policy.check(p).err(),
-            Err(e) => Some(format!("permission denied: {}", super::error_chain(e))),
+            Err(e) => Some(format!("permission denied: {}", crate::error::chain(e))),
         };
         let refusal = if let Some(why) = denied {
             tracing::warn!(peer = ?peer.ok(), "API access refused: {why}");
@@ -217,7 +217,7 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> std::io::Result<()
         let resp = match agent.handle(req).await {
             Ok(v) => Response::ok(v),
             Err(e) => {
-                tracing::info!(op, "request failed: {}", super::error_chain(&e));
+                tracing::info!(op, "request failed: {}", crate::error::chain(&e));
                 Response::err(e.to_api())
             }
         };

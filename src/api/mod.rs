@@ -15,6 +15,11 @@ use serde_json::Value;
 /// error (kind `too-large`) and the connection is closed.
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
+/// `stop`'s `timeout_s` when the request has none.
+pub const DEFAULT_STOP_TIMEOUT_S: u64 = 60;
+/// `migrate`'s `timeout_s` when the request has none.
+pub const DEFAULT_MIGRATE_TIMEOUT_S: u64 = 300;
+
 /// Every API operation.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]

@@ -6,9 +6,10 @@
 
 mod output;
 
-use crate::agent::{self, Config};
+use crate::agent;
 use crate::api::client::{self, Client, ClientError};
 use crate::api::Request;
+use crate::config::{self, Config};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 
@@ -20,7 +21,7 @@ use std::path::{Path, PathBuf};
 )]
 pub struct Cli {
     /// API socket of the agent.
-    #[arg(long, global = true, env = "QLIVE_SOCKET", default_value = agent::DEFAULT_SOCKET)]
+    #[arg(long, global = true, env = "QLIVE_SOCKET", default_value = config::DEFAULT_SOCKET)]
     pub socket: PathBuf,
     #[command(subcommand)]
     pub command: Command,
@@ -30,21 +31,21 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent (daemon) in the foreground.
     Agent {
-        #[arg(long, env = "QLIVE_STATE_DIR", default_value = agent::DEFAULT_STATE_DIR)]
+        #[arg(long, env = "QLIVE_STATE_DIR", default_value = config::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
-        #[arg(long, env = "QLIVE_RUN_DIR", default_value = agent::DEFAULT_RUN_DIR)]
+        #[arg(long, env = "QLIVE_RUN_DIR", default_value = config::DEFAULT_RUN_DIR)]
         run_dir: PathBuf,
         /// Required-feature hooks run on the migration destination.
-        #[arg(long, env = "QLIVE_HOOKS_DIR", default_value = agent::DEFAULT_HOOKS_DIR)]
+        #[arg(long, env = "QLIVE_HOOKS_DIR", default_value = config::DEFAULT_HOOKS_DIR)]
         hooks_dir: PathBuf,
         /// Members of this group may use the API (besides root).
-        #[arg(long, env = "QLIVE_API_GROUP", default_value = agent::DEFAULT_API_GROUP)]
+        #[arg(long, env = "QLIVE_API_GROUP", default_value = config::DEFAULT_API_GROUP)]
         api_group: String,
         /// Open API connections at most.
-        #[arg(long, env = "QLIVE_MAX_CONNECTIONS", default_value_t = agent::DEFAULT_MAX_CONNECTIONS)]
+        #[arg(long, env = "QLIVE_MAX_CONNECTIONS", default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
         max_connections: usize,
         /// Seconds a connection may stay without sending a request.
-        #[arg(long, env = "QLIVE_IDLE_TIMEOUT_S", default_value_t = agent::DEFAULT_IDLE_TIMEOUT_S)]
+        #[arg(long, env = "QLIVE_IDLE_TIMEOUT_S", default_value_t = config::DEFAULT_IDLE_TIMEOUT_S)]
         idle_timeout_s: u64,
         /// Run QEMU instances as this unprivileged user (default: root).
         #[arg(long, env = "QLIVE_QEMU_USER")]
@@ -59,7 +60,7 @@ pub enum Command {
     /// ACPI power-down, forced off after --timeout seconds.
     Stop {
         name: String,
-        #[arg(long, default_value_t = crate::agent::DEFAULT_STOP_TIMEOUT_S)]
+        #[arg(long, default_value_t = crate::api::DEFAULT_STOP_TIMEOUT_S)]
         timeout: u64,
     },
     /// Kill a domain's QEMU at once.
@@ -86,7 +87,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
         /// Cancel the migration if it has not completed after S seconds.
-        #[arg(long, default_value_t = crate::agent::migrate_default_timeout())]
+        #[arg(long, default_value_t = crate::api::DEFAULT_MIGRATE_TIMEOUT_S)]
         timeout: u64,
     },
     /// Show a domain's current job (phase, elapsed, bytes, target).
@@ -253,7 +254,7 @@ pub async fn run(cli: Cli) -> i32 {
                     0
                 }
                 Err(e) => {
-                    eprintln!("qlive: {}", crate::agent::error_chain(&e));
+                    eprintln!("qlive: {}", crate::error::chain(&e));
                     exit_code(&e)
                 }
             }
@@ -286,12 +287,12 @@ async fn console(socket: &Path, name: String) -> i32 {
     let mut c = match Client::connect(socket).await {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("qlive: {}", crate::agent::error_chain(&e));
+            eprintln!("qlive: {}", crate::error::chain(&e));
             return 2;
         }
     };
     if let Err(e) = c.call(&Request::Console { name }).await {
-        eprintln!("qlive: {}", crate::agent::error_chain(&e));
+        eprintln!("qlive: {}", crate::error::chain(&e));
         return exit_code(&e);
     }
     let mut stream = c.into_stream();

@@ -122,7 +122,7 @@ pub async fn run(socket: &Path, o: Options) -> i32 {
     match run_inner(socket, o).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("qlive upgrade: {}", crate::agent::error_chain(&e));
+            eprintln!("qlive upgrade: {}", crate::error::chain(&e));
             sd_status(&format!("upgrade not run: {e}"));
             EXIT_USAGE
         }
@@ -185,7 +185,9 @@ async fn run_inner(socket: &Path, o: Options) -> Result<i32, UpgradeError> {
                     v["name"] = json!(name);
                     v
                 }
-                Err(e) => json!({"name": name, "result": "failed", "error": crate::agent::error_chain(&e)}),
+                Err(e) => {
+                    json!({"name": name, "result": "failed", "error": crate::error::chain(&e)})
+                }
             };
             line["wall_ms"] = json!(t.elapsed().as_millis() as u64);
             (line, agent_lost)
