@@ -169,3 +169,186 @@ fn killed_in_confirm() {
         "SwitchToDestination { cont_dst: false }",
     );
 }
+
+/// Is `pid` a live process (not gone, not a zombie waiting for a reaper)?
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// Pause the migration at `at`, SIGKILL the agent, SIGKILL the destination
+/// QEMU too, and start a plain agent. Returns the rig, the domain's info
+/// before, and its info after recovery.
+fn kill_agent_and_destination(at: &str) -> (Rig, Value, Value) {
+    let mut rig = Rig::new();
+    let name = "rec";
+    rig.kill_agent();
+    rig.start_agent_with(&[("QLIVE_TEST_PAUSE_AT", at)]);
+    rig.define_guest(name, 256, json!({}));
+    rig.ok(&["start", name]);
+    rig.wait_heartbeat_past(name, 200, Duration::from_secs(60));
+    let before = rig.info(name);
+    let mig = rig.migrate_bg(name, &[]);
+    let marker = rig.run.join(format!("domains/{name}/test-paused"));
+    let t0 = Instant::now();
+    while !marker.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "never paused at {at}: {}",
+            tail(&rig.agent_log_text(), 20)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let job: Value = serde_json::from_slice(
+        &std::fs::read(rig.run.join(format!("domains/{name}/job.json"))).unwrap(),
+    )
+    .unwrap();
+    let dst_pid = job["dst"]["process"]["pid"].as_i64().expect("dst pid") as i32;
+    rig.kill_agent();
+    let _ = mig.join().unwrap();
+    let _ = std::fs::remove_file(&marker);
+    // SAFETY: kill(2) on the destination QEMU this test's agent started.
+    assert_eq!(unsafe { libc::kill(dst_pid, libc::SIGKILL) }, 0);
+    let t0 = Instant::now();
+    while alive(dst_pid) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "destination did not die"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    rig.start_agent();
+    let after = rig.info(name);
+    (rig, before, after)
+}
+
+/// The unsafe rule of old: `cont` was sent to the destination (it may have
+/// run the guest, writing to the shared RAM), the agent died, then the
+/// destination died. Resuming the source would run the guest on device
+/// state older than its memory. The domain is crashed instead, nothing runs
+/// it, and it stays so across agent restarts until `destroy`.
+fn destination_may_have_run_is_crashed(at: &str) {
+    let (mut rig, before, after) = kill_agent_and_destination(at);
+    let name = "rec";
+    assert_eq!(after["state"], "crashed", "{at}: {after}");
+    assert!(
+        after["reason"].as_str().unwrap_or("").contains("cont"),
+        "{at}: the reason names why: {after}"
+    );
+    assert_eq!(
+        rig.qemu_pids(),
+        Vec::<i32>::new(),
+        "{at}: no instance runs the guest"
+    );
+    let src_pid = before["pid"].as_i64().unwrap() as i32;
+    assert!(!alive(src_pid), "{at}: the source is gone, never resumed");
+    let job = rig.run.join(format!("domains/{name}/job.json"));
+    assert!(
+        job.exists(),
+        "{at}: the crash stays recorded until acknowledged"
+    );
+    let (code, err) = rig.fails(&["start", name]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("crashed") && err.contains("qlive destroy rec"),
+        "{at}: start names the way out: {err}"
+    );
+    // An agent restart does not forget it.
+    rig.restart_agent();
+    assert_eq!(rig.info(name)["state"], "crashed");
+    assert_eq!(rig.qemu_pids(), Vec::<i32>::new());
+    // The operator's acknowledgement, then a cold boot from the disks.
+    rig.ok(&["destroy", name]);
+    assert!(
+        !job.exists(),
+        "{at}: destroy removes the record of the crash"
+    );
+    assert_eq!(rig.info(name)["state"], "shut-off");
+    rig.ok(&["start", name]);
+    assert_eq!(rig.info(name)["state"], "running");
+    rig.ok(&["destroy", name]);
+}
+
+#[test]
+fn destination_killed_after_cont_is_crashed_not_resumed_on_the_source() {
+    destination_may_have_run_is_crashed("finish:after");
+}
+
+#[test]
+fn destination_killed_after_the_intent_to_cont_is_crashed() {
+    // The intent is on disk, `cont` not yet sent: recovery cannot tell, so
+    // it takes the safe reading.
+    destination_may_have_run_is_crashed("finish:resume");
+}
+
+#[test]
+fn destination_killed_before_any_cont_keeps_the_source() {
+    let (rig, before, after) = kill_agent_and_destination("finish:before");
+    let name = "rec";
+    assert_eq!(after["state"], "running", "{after}");
+    assert_eq!(after["domid"], before["domid"], "the source is kept");
+    assert_eq!(after["pid"], before["pid"]);
+    let pid = after["pid"].as_i64().unwrap() as i32;
+    assert_eq!(rig.qemu_pids(), vec![pid]);
+    let hb = rig.heartbeat(name);
+    rig.wait_heartbeat_past(name, hb.last + 300, Duration::from_secs(30))
+        .assert_intact("source resumed");
+    rig.ok(&["destroy", name]);
+}
+
+/// The emulator probe (and any helper the agent starts) dies with the
+/// agent: only guests' QEMUs outlive it.
+#[test]
+fn probe_dies_with_the_agent() {
+    let mut rig = Rig::new();
+    let fake = rig.dir.path().join("slow-qemu");
+    let pidfile = rig.dir.path().join("slow-qemu.pid");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\necho $$ > {}\nexec sleep 600\n",
+            pidfile.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    rig.define_guest("p", 64, json!({"emulator": fake}));
+    let start = {
+        let mut cmd = std::process::Command::new(qlive_bin());
+        cmd.args(["start", "p"]).env("QLIVE_SOCKET", &rig.socket);
+        std::thread::spawn(move || cmd.output())
+    };
+    let t0 = Instant::now();
+    let pid = loop {
+        if let Some(p) = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            break p;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "probe never ran");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // Never leave the fake behind, even when the assertion below fails.
+    struct KillOnDrop(i32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) of the fake probe this test started.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+    let _guard = KillOnDrop(pid);
+    assert!(alive(pid));
+    rig.kill_agent();
+    let _ = start.join();
+    let t0 = Instant::now();
+    while alive(pid) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the probe (pid {pid}) outlived the agent"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -119,6 +119,14 @@ pub enum Run {
         record: Option<Box<InstanceRecord>>,
         reason: String,
     },
+    /// The destination of a migration may have run the guest and is gone
+    /// (migration::resolve::crash): every instance was killed, and none may
+    /// run the guest again until an operator acknowledges it with
+    /// `destroy` (which removes the kept job file); `start` then boots it
+    /// from its disks.
+    Crashed {
+        reason: String,
+    },
 }
 
 pub struct DomainState {
@@ -372,16 +380,19 @@ impl Agent {
 
 impl Agent {
     /// The domain's MCS pair, allocated (and persisted) if it has none.
-    pub(crate) fn mcs_pair(&self, name: &str) -> Result<crate::domain::mcs::McsPair, AgentError> {
+    pub(crate) fn mcs_pair(
+        &self,
+        name: &str,
+    ) -> Result<crate::domain::mcs::McsPair, crate::domain::mcs::McsError> {
         let mut t = self.mcs.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(t.ensure(name, random_u32)?)
+        t.ensure(name, random_u32)
     }
 
     /// The labels an instance of the domain gets: None without SELinux.
     pub(crate) fn selinux_labels(
         &self,
         name: &str,
-    ) -> Result<Option<crate::instance::selinux::Labels>, AgentError> {
+    ) -> Result<Option<crate::instance::selinux::Labels>, crate::domain::mcs::McsError> {
         if !crate::instance::selinux::enabled() {
             return Ok(None);
         }
@@ -391,7 +402,7 @@ impl Agent {
     }
 
     /// Can the QEMU user open every file the definition names by path?
-    pub(crate) fn check_qemu_access(&self, def: &Definition) -> Result<(), AgentError> {
+    pub(crate) fn check_qemu_access(&self, def: &Definition) -> Result<(), DefinitionError> {
         let Some(u) = &self.qemu_user else {
             return Ok(());
         };
@@ -400,7 +411,6 @@ impl Agent {
                 field,
                 reason: format!("QEMU runs as {}: {reason}", u.name),
             }
-            .into()
         })
     }
 

@@ -111,6 +111,12 @@ impl Agent {
                     dom.name
                 )))
             }
+            Run::Crashed { reason } => {
+                return Err(AgentError::InvalidState(format!(
+                    "domain {} crashed during a migration ({reason}); `qlive destroy {}` acknowledges it first",
+                    dom.name, dom.name
+                )))
+            }
             Run::ShutOff { .. } => {}
         }
         self.store.remove(&dom.name)?;
@@ -138,6 +144,13 @@ impl Agent {
             return Err(AgentError::InvalidState(format!(
                 "a QEMU of domain {} may still run but the agent could not take it over ({reason}); `qlive destroy {}` kills it",
                 dom.name, dom.name
+            )));
+        }
+        if let Run::Crashed { reason } = &st.run {
+            return Err(AgentError::InvalidState(format!(
+                "domain {} crashed during a migration ({reason}); it is not started again until \
+                 an operator acknowledges it: `qlive destroy {}`, then `qlive start {}` boots it from its disks",
+                dom.name, dom.name, dom.name
             )));
         }
         if let Run::Running(i) = &st.run {
@@ -334,7 +347,7 @@ impl Agent {
                     dom.name
                 )))
                 }
-                Run::ShutOff { .. } => {
+                Run::ShutOff { .. } | Run::Crashed { .. } => {
                     return Err(AgentError::InvalidState(format!(
                         "domain {} is not running",
                         dom.name
@@ -385,6 +398,22 @@ impl Agent {
                 Run::Running(i) => {
                     i.set_exit_intent("destroyed");
                     i.clone()
+                }
+                Run::Crashed { .. } => {
+                    // The operator's acknowledgement: the kept job file
+                    // (the record of the crash) goes, any QEMU left in the
+                    // instance dirs is killed, and start may boot it again.
+                    self.kill_unreachable(&dom.name, None).await;
+                    self.remove_status(&dom.name);
+                    let job = crate::migration::phase::job_path(
+                        &crate::instance::paths::domain_run_dir(&self.cfg.run_dir, &dom.name),
+                    );
+                    let _ = crate::migration::phase::JobFile::remove(&job);
+                    tracing::warn!(domain = %dom.name, "crash acknowledged by destroy");
+                    st.run = Run::ShutOff {
+                        reason: "destroyed after a crash during migration".into(),
+                    };
+                    return Ok(json!({"name": dom.name}));
                 }
                 Run::Unreachable { record, .. } => {
                     let record = record.clone();
@@ -469,6 +498,7 @@ impl Agent {
             let (state, domid, pid) = match &st.run {
                 Run::Running(i) => (run_state(i).await, Some(i.domid()), Some(i.pid())),
                 Run::ShutOff { .. } => ("shut-off".to_string(), None, None),
+                Run::Crashed { .. } => ("crashed".to_string(), None, None),
                 Run::Unreachable { record, .. } => (
                     "unreachable".to_string(),
                     record.as_ref().map(|r| r.domid),
@@ -532,6 +562,14 @@ impl Agent {
                 v["qemu_version"] = json!(record.as_ref().map(|r| r.qemu_version.to_string()));
                 v["paths"] = Value::Null;
             }
+            Run::Crashed { reason } => {
+                v["state"] = json!("crashed");
+                v["reason"] = json!(reason);
+                v["domid"] = Value::Null;
+                v["pid"] = Value::Null;
+                v["qemu_version"] = Value::Null;
+                v["paths"] = Value::Null;
+            }
             Run::ShutOff { reason } => {
                 v["state"] = json!("shut-off");
                 v["reason"] = json!(reason);
@@ -552,7 +590,7 @@ impl Agent {
         let st = dom.state.lock().await;
         match &st.run {
             Run::Running(_) => Ok(dom.console.subscribe()),
-            Run::ShutOff { .. } | Run::Unreachable { .. } => {
+            Run::ShutOff { .. } | Run::Unreachable { .. } | Run::Crashed { .. } => {
                 Err(AgentError::InvalidState(format!(
                     "domain {} is not running; its past output is in {}",
                     dom.name,

@@ -601,6 +601,23 @@ pub async fn adopt(record: InstanceRecord) -> Result<Instance, InstanceError> {
     })
 }
 
+/// Kill the QEMU whose pidfile is in `dir`, if the process there really is
+/// that instance (its command line names the directory's QMP socket): a
+/// QEMU spawned but never recorded (killed agent, failed spawn).
+pub async fn kill_unrecorded(domain: &str, dir: &Path) {
+    let paths = InstancePaths::in_dir(dir);
+    let Ok(pid) = read_pidfile(&paths.pid) else {
+        return;
+    };
+    // pidfd first: the process checked below is the process killed.
+    let Ok(pfd) = Pidfd::open(pid) else { return };
+    if !runs_instance(pid, &paths) {
+        return;
+    }
+    tracing::warn!(domain, dir = %dir.display(), pid, "killing QEMU of this domain");
+    let _ = pfd.kill_and_wait(Duration::from_secs(10)).await;
+}
+
 /// Remove an instance's directory (sockets, pidfile, log).
 pub fn cleanup_paths(paths: &InstancePaths) {
     if let Err(e) = fsutil::remove_dir_all_if_exists(&paths.dir) {

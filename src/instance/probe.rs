@@ -99,7 +99,9 @@ pub fn check_executable(path: &Path) -> Result<std::fs::Metadata, ProbeError> {
 /// Probe an emulator (uncached).
 pub async fn probe(path: &Path) -> Result<EmulatorInfo, ProbeError> {
     check_executable(path)?;
-    let mut child = tokio::process::Command::new(path)
+    let mut cmd = tokio::process::Command::new(path);
+    crate::instance::process::die_with_agent(&mut cmd);
+    let mut child = cmd
         .args([
             "-machine",
             "none",
@@ -192,10 +194,11 @@ type FileKey = (PathBuf, u64, u64, i64, i64);
 /// `EMULATOR -L help`: the firmware search path (a wrapper script's own
 /// `-L` options come first, as QEMU uses them).
 async fn data_dirs(path: &Path) -> Vec<PathBuf> {
+    let mut cmd = tokio::process::Command::new(path);
+    crate::instance::process::die_with_agent(&mut cmd);
     let out = tokio::time::timeout(
         Duration::from_secs(10),
-        tokio::process::Command::new(path)
-            .args(["-L", "help"])
+        cmd.args(["-L", "help"])
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output(),

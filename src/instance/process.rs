@@ -12,6 +12,37 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use tokio::io::unix::AsyncFd;
 
+/// Make a helper the agent starts (an emulator probe, a hook) die with the
+/// agent: SIGKILL when the agent goes away (`PR_SET_PDEATHSIG`), checked
+/// once more after arming in case the agent died between fork and prctl.
+/// Only guests' QEMUs may outlive the agent; they are started without this.
+///
+/// The signal follows the *thread* that forked: helpers are spawned from
+/// the runtime's worker threads, which live as long as the agent.
+pub fn die_with_agent(cmd: &mut tokio::process::Command) {
+    let agent = std::process::id() as libc::pid_t;
+    // SAFETY: prctl, getppid and _exit are async-signal-safe; nothing is
+    // allocated between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != agent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
     #[error("process {pid} does not exist")]

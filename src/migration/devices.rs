@@ -24,19 +24,25 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 /// The destination opened the same files as the source (checked after it
 /// started, before any state moves: closes the window between preflight
 /// and the destination's open).
-pub fn same_disks(src: &[DiskId], dst: &[DiskId]) -> Result<(), String> {
+pub fn same_disks(src: &[DiskId], dst: &[DiskId]) -> Result<(), DiskMismatch> {
     for s in src {
         match dst.iter().find(|d| d.path == s.path) {
             Some(d) if (d.dev, d.ino) == (s.dev, s.ino) => {}
             _ => {
-                return Err(format!(
-                    "disk {}: the new instance did not open the file the running one has",
-                    s.path.display()
-                ))
+                return Err(DiskMismatch {
+                    path: s.path.clone(),
+                })
             }
         }
     }
     Ok(())
+}
+
+/// [`same_disks`] found a disk the destination opened differently.
+#[derive(Debug, thiserror::Error)]
+#[error("disk {}: the new instance did not open the file the running one has", path.display())]
+pub struct DiskMismatch {
+    pub path: std::path::PathBuf,
 }
 
 /// `Err(reason)` names the disk and what is wrong with it.

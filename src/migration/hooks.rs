@@ -97,6 +97,7 @@ async fn run_one(hook: &Path, phase: &str, env: &HookEnv) -> Result<(), Migratio
         detail,
     };
     let mut cmd = tokio::process::Command::new(hook);
+    crate::instance::process::die_with_agent(&mut cmd);
     cmd.arg(&env.domain)
         .arg(phase)
         .env("QLIVE_DOMAIN", &env.domain)

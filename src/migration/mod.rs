@@ -1,7 +1,11 @@
-//! Local live migration: the job, the persisted phases, the migration
-//! capabilities table, the required-feature hooks, and the startup recovery
-//! rules. The agent (`agent::migrate`) drives the five phases with these
-//! pieces and does the table swap.
+//! Local live migration: the engine that runs the five phases
+//! ([`engine::migrate`]) and finishes interrupted ones ([`engine::recover`]),
+//! its live state ([`state`]), the persisted phases ([`phase`]), the
+//! preflight, the capability table, the required-feature hooks, the
+//! recovery rules ([`recovery`]) and the two ways a migration ends
+//! ([`resolve`]: keep the source, switch to the destination), shared by the
+//! live path and recovery. The agent reaches the engine through
+//! [`engine::Host`] and keeps the job lock, the API and the error mapping.
 //!
 //! ```text
 //!  client        agent (source side)                 agent (destination side)
@@ -23,12 +27,20 @@
 //! [`recovery`] for what a restarted agent does with each.
 
 pub mod devices;
+pub mod engine;
 pub mod hooks;
 pub mod job;
 pub mod params;
 pub mod phase;
+pub mod preflight;
 pub mod recovery;
+pub mod resolve;
+pub mod state;
 
+use crate::domain::mcs::McsError;
+use crate::domain::TableError;
+use crate::fsutil::NotRegularError;
+use crate::instance::domid::DomidError;
 use crate::instance::InstanceError;
 use crate::qmp::QmpError;
 use std::path::PathBuf;
@@ -57,13 +69,31 @@ pub async fn cancel_outgoing(src: &crate::qmp::Qmp) {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
-    #[error("preflight of target emulator {emulator}: {reason}")]
-    Preflight { emulator: PathBuf, reason: String },
+    #[error("preflight of target emulator {emulator}")]
+    Preflight {
+        emulator: PathBuf,
+        #[source]
+        source: preflight::PreflightError,
+    },
+    #[error("allocating the destination's domid")]
+    AllocateDomid(#[source] DomidError),
+    #[error("the domain's SELinux labels")]
+    Labels(#[source] McsError),
+    #[error("the console log {path}")]
+    ConsoleLog {
+        path: PathBuf,
+        #[source]
+        source: NotRegularError,
+    },
     #[error("starting the destination QEMU")]
     SpawnDestination(#[source] InstanceError),
+    #[error("the destination opened other disks than the source")]
+    DisksDiffer(#[source] devices::DiskMismatch),
+    #[error("the domain's incoming slot is taken")]
+    RemoteTaken(#[source] TableError),
     #[error("{what}")]
     Qmp {
-        what: String,
+        what: &'static str,
         #[source]
         source: QmpError,
     },
@@ -79,11 +109,15 @@ pub enum MigrationError {
     Aborted,
     #[error("migration timed out after {secs} s and was cancelled")]
     Timeout { secs: u64 },
-    #[error("refusing to resume the destination: {0}")]
-    Unsafe(String),
-    #[error("the domain's incoming slot is taken: {0}")]
-    RemoteTaken(String),
-
+    #[error("refusing to resume the destination: the source still runs vCPUs (status {status})")]
+    SourceRunning { status: String },
+    #[error("the destination QEMU may have run the guest and then failed ({detail}); the source's device state is older than the guest's memory, so neither instance may run it again")]
+    Crashed { detail: String },
+    #[error("migration step {step} is not allowed in state {from}")]
+    Transition {
+        from: &'static str,
+        step: &'static str,
+    },
     #[error("persisting migration phase to {path}")]
     Persist {
         path: PathBuf,

@@ -1,6 +1,6 @@
 //! The migration phases as persisted: each variant carries exactly the data
-//! valid in that phase, and a step consumes the old phase to produce the
-//! next. The job file (`<run>/domains/<name>/job.json`) is written
+//! valid in that phase. The engine never edits a phase: it derives one from
+//! its live state ([`super::state::State::persisted`]). The job file (`<run>/domains/<name>/job.json`) is written
 //! atomically before the phase acts, so a restarted agent knows what may
 //! have happened (see [`super::recovery`]).
 
@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub const FORMAT: &str = "qlive-migration-job";
-pub const VERSION: u32 = 1;
+/// 2: `Finish` records whether `cont` may have been sent to the
+/// destination, and `Confirm` can record a crash. A version-1 `Finish` is
+/// read as "may have been sent" (the safe reading).
+pub const VERSION: u32 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -57,6 +60,14 @@ pub enum Outcome {
     Success,
     /// The source keeps (or resumes) the guest: kill the destination.
     Failure,
+    /// The destination may have run the guest and is gone: neither
+    /// instance may run it again. The domain is reported crashed until an
+    /// operator acknowledges it (`qlive destroy`).
+    Crashed,
+}
+
+fn may_have_resumed() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,10 +87,14 @@ pub enum Phase {
         src: InstanceRecord,
         dst: InstanceRecord,
     },
-    /// The incoming side completed; `cont` may have been sent to dst.
+    /// The source completed. `resume_sent`: `cont` may have been sent to
+    /// the destination (written before it is sent), so the destination may
+    /// have run the guest.
     Finish {
         src: InstanceRecord,
         dst: InstanceRecord,
+        #[serde(default = "may_have_resumed")]
+        resume_sent: bool,
     },
     /// Decided: clean up the losing side, swap on success.
     Confirm {
@@ -90,7 +105,18 @@ pub enum Phase {
         #[serde(default)]
         dst_domid: Option<u64>,
         outcome: Outcome,
+        /// Why, for a crash.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
+}
+
+/// What a persisted phase names, whatever the phase.
+pub struct Parts<'a> {
+    pub src: &'a InstanceRecord,
+    pub dst: Option<&'a InstanceRecord>,
+    pub dst_paths: Option<&'a InstancePaths>,
+    pub dst_domid: Option<u64>,
 }
 
 impl Phase {
@@ -114,58 +140,55 @@ impl Phase {
         }
     }
 
-    /// Begin -> Prepare.
-    pub fn prepare(self, dst_domid: u64, dst_paths: InstancePaths) -> Phase {
-        Phase::Prepare {
-            src: self.src().clone(),
-            dst_domid,
-            dst_paths,
-        }
-    }
-
-    /// Prepare -> Perform, once the destination is recorded.
-    pub fn perform(self, dst: InstanceRecord) -> Phase {
-        Phase::Perform {
-            src: self.src().clone(),
-            dst,
-        }
-    }
-
-    /// Perform -> Finish.
-    pub fn finish(self) -> Phase {
+    pub fn parts(&self) -> Parts<'_> {
         match self {
-            Phase::Perform { src, dst } | Phase::Finish { src, dst } => Phase::Finish { src, dst },
-            other => other,
-        }
-    }
-
-    /// Any phase -> Confirm with the outcome.
-    pub fn confirm(self, outcome: Outcome) -> Phase {
-        let (src, dst, dst_paths, dst_domid) = match self {
-            Phase::Begin { src } => (src, None, None, None),
+            Phase::Begin { src } => Parts {
+                src,
+                dst: None,
+                dst_paths: None,
+                dst_domid: None,
+            },
             Phase::Prepare {
                 src,
-                dst_paths,
                 dst_domid,
-            } => (src, None, Some(dst_paths), Some(dst_domid)),
-            Phase::Perform { src, dst } | Phase::Finish { src, dst } => {
-                let (p, d) = (dst.paths.clone(), dst.domid);
-                (src, Some(dst), Some(p), Some(d))
-            }
+                dst_paths,
+            } => Parts {
+                src,
+                dst: None,
+                dst_paths: Some(dst_paths),
+                dst_domid: Some(*dst_domid),
+            },
+            Phase::Perform { src, dst } | Phase::Finish { src, dst, .. } => Parts {
+                src,
+                dst: Some(dst),
+                dst_paths: Some(&dst.paths),
+                dst_domid: Some(dst.domid),
+            },
             Phase::Confirm {
                 src,
                 dst,
                 dst_paths,
                 dst_domid,
                 ..
-            } => (src, dst, dst_paths, dst_domid),
-        };
+            } => Parts {
+                src,
+                dst: dst.as_ref(),
+                dst_paths: dst_paths.as_ref(),
+                dst_domid: *dst_domid,
+            },
+        }
+    }
+
+    /// Confirm, from the phase the decision was taken in.
+    pub fn confirm(&self, outcome: Outcome, reason: Option<String>) -> Phase {
+        let p = self.parts();
         Phase::Confirm {
-            src,
-            dst,
-            dst_paths,
-            dst_domid,
+            src: p.src.clone(),
+            dst: p.dst.cloned(),
+            dst_paths: p.dst_paths.cloned(),
+            dst_domid: p.dst_domid,
             outcome,
+            reason,
         }
     }
 }

@@ -10,13 +10,18 @@
 //! | Perform | otherwise | keep source: cancel the migration, kill destination, make sure the source runs |
 //! | Finish | destination running | switch to destination (Confirm) |
 //! | Finish | destination completed but paused, source not running | `cont` destination, switch |
-//! | Finish | destination gone | keep source: `cont` source |
-//! | Confirm (success) | - | switch: kill source, swap, clean |
+//! | Finish, `cont` never sent | destination gone | keep source: `cont` source |
+//! | Finish, `cont` may have been sent | destination gone | crashed: kill both, never resume the source |
+//! | Confirm (success) | destination alive | switch: kill source, swap, clean |
+//! | Confirm (success) | destination gone | crashed |
 //! | Confirm (failure) | - | keep source |
+//! | Confirm (crashed) | - | crashed (until `qlive destroy`) |
 //!
 //! Safety: at most one instance ever runs vCPUs. The destination is resumed
 //! only when the source is proven stopped or dead; the source only when the
-//! destination is dead (the executor kills it first).
+//! destination is dead (the executor kills it first) *and* provably never
+//! ran: once the destination may have run, the guest's memory is newer than
+//! the source's device state, and resuming the source would corrupt it.
 
 use super::phase::{Outcome, PhaseName};
 
@@ -32,6 +37,9 @@ pub struct Observed {
     pub dst_running: bool,
     /// The destination's query-migrate status for the incoming side.
     pub dst_migration: Option<String>,
+    /// The persisted Finish says `cont` may have been sent to the
+    /// destination.
+    pub resume_sent: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,9 +52,12 @@ pub enum Decision {
     /// `cont_dst`: the destination is paused and must be resumed (allowed
     /// because the source is proven stopped or dead).
     SwitchToDestination { cont_dst: bool },
-    /// Nothing can run the guest any more (both gone, or the destination
-    /// ran and then died): the domain is shut off, with this reason.
+    /// Nothing can run the guest any more (both gone before the destination
+    /// ran): the domain is shut off, with this reason.
     Lost(String),
+    /// The destination may have run the guest and is gone: kill every
+    /// instance, report the domain crashed with this reason, run nothing.
+    Crashed(String),
 }
 
 /// Is this a `query-migrate` status of a migration still in flight?
@@ -77,6 +88,12 @@ pub fn decide(phase: PhaseName, outcome: Option<Outcome>, o: &Observed) -> Decis
                 && !o.src_running
             {
                 Decision::SwitchToDestination { cont_dst: true }
+            } else if o.resume_sent {
+                Decision::Crashed(
+                    "the destination QEMU was sent `cont` (it may have run the guest) and is gone; \
+                     the source's device state is older than the guest's memory"
+                        .into(),
+                )
             } else {
                 keep_source(o, false)
             }
@@ -88,12 +105,15 @@ pub fn decide(phase: PhaseName, outcome: Option<Outcome>, o: &Observed) -> Decis
                         cont_dst: !o.dst_running && !o.src_running,
                     }
                 } else {
-                    Decision::Lost(
+                    Decision::Crashed(
                         "the destination ran the guest and then died during Confirm".into(),
                     )
                 }
             }
-            _ => keep_source(o, false),
+            Some(Outcome::Crashed) => {
+                Decision::Crashed("the guest crashed during a migration".into())
+            }
+            Some(Outcome::Failure) | None => keep_source(o, false),
         },
     }
 }
@@ -195,7 +215,7 @@ mod tests {
     }
 
     #[test]
-    fn finish_dst_gone_resumes_src() {
+    fn finish_dst_gone_before_cont_resumes_src() {
         let o = Observed {
             src_running: false,
             src_migration: Some("completed".into()),
@@ -210,14 +230,46 @@ mod tests {
     }
 
     #[test]
-    fn confirm_success_dst_dead_is_lost_not_resumed() {
+    fn finish_dst_gone_after_cont_intent_is_crashed_never_resumed() {
+        let o = Observed {
+            src_running: false,
+            src_migration: Some("completed".into()),
+            resume_sent: true,
+            ..obs()
+        };
+        assert!(matches!(
+            decide(PhaseName::Finish, None, &o),
+            Decision::Crashed(_)
+        ));
+        // A destination that is still there is resumed or kept, as before.
+        let o = Observed {
+            dst_alive: true,
+            dst_migration: Some("completed".into()),
+            ..o
+        };
+        assert_eq!(
+            decide(PhaseName::Finish, None, &o),
+            Decision::SwitchToDestination { cont_dst: true }
+        );
+    }
+
+    #[test]
+    fn confirm_success_dst_dead_is_crashed_not_resumed() {
         let o = Observed {
             src_running: false,
             ..obs()
         };
         assert!(matches!(
             decide(PhaseName::Confirm, Some(Outcome::Success), &o),
-            Decision::Lost(_)
+            Decision::Crashed(_)
+        ));
+    }
+
+    #[test]
+    fn a_recorded_crash_stays_crashed() {
+        assert!(matches!(
+            decide(PhaseName::Confirm, Some(Outcome::Crashed), &obs()),
+            Decision::Crashed(_)
         ));
     }
 

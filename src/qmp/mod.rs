@@ -116,7 +116,10 @@ pub struct Qmp {
     writer: tokio::sync::Mutex<Box<dyn AsyncWrite + Send + Unpin>>,
     shared: Arc<Shared>,
     next_id: AtomicU64,
-    events: broadcast::Sender<QmpEvent>,
+    /// The reader task holds the only strong sender: when the connection
+    /// ends, every subscriber sees `Closed` (a QEMU that went away is
+    /// noticed at once, not after a timeout).
+    events: broadcast::WeakSender<QmpEvent>,
     version: QemuVersion,
     reader: tokio::task::JoinHandle<()>,
 }
@@ -168,12 +171,13 @@ impl Qmp {
             closed: Default::default(),
         });
         let (events, _) = broadcast::channel(1024);
-        let reader = tokio::spawn(read_loop(lines, shared.clone(), events.clone()));
+        let weak = events.downgrade();
+        let reader = tokio::spawn(read_loop(lines, shared.clone(), events));
         let qmp = Qmp {
             writer: tokio::sync::Mutex::new(Box::new(w)),
             shared,
             next_id: AtomicU64::new(1),
-            events,
+            events: weak,
             version,
             reader,
         };
@@ -186,9 +190,13 @@ impl Qmp {
         &self.version
     }
 
-    /// Subscribe to events from now on.
+    /// Subscribe to events from now on. After the connection ended, the
+    /// receiver reports `Closed` at once.
     pub fn subscribe(&self) -> broadcast::Receiver<QmpEvent> {
-        self.events.subscribe()
+        match self.events.upgrade() {
+            Some(tx) => tx.subscribe(),
+            None => broadcast::channel(1).1,
+        }
     }
 
     pub fn is_closed(&self) -> bool {
@@ -407,40 +415,118 @@ impl Qmp {
     }
 }
 
+/// A fake QMP peer for unit tests of error paths a real QEMU cannot be made
+/// to produce on demand (a newer QEMU's unknown events, a connection lost
+/// between a command and its reply, a burst of events that overruns a
+/// subscriber). Never a stand-in for QEMU in integration tests.
 #[cfg(test)]
-mod tests {
-    //! Error paths a real QEMU cannot be made to produce on demand: a newer
-    //! QEMU's unknown event and enum value, garbage lines, a dropped socket.
-    //! A fake QMP peer on a socketpair stands in for QEMU here only.
+pub(crate) mod fake {
     use super::*;
+    use std::sync::Mutex;
     use tokio::io::{AsyncBufReadExt, BufReader};
 
-    const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2"}, "capabilities": ["oob"]}}"#;
+    pub const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2"}, "capabilities": ["oob"]}}"#;
 
-    /// A fake QEMU: greets, then answers each command with `reply(cmd)`,
-    /// after first sending the lines `before(cmd)` returns.
-    async fn fake_qemu<F>(respond: F) -> Qmp
+    /// What the fake does with one command.
+    pub enum Reply {
+        /// Send these lines (replies, events), in order.
+        Lines(Vec<String>),
+        /// Close the connection without answering.
+        Close,
+    }
+
+    /// The command names the fake received, in order.
+    pub type Received = Arc<Mutex<Vec<String>>>;
+
+    /// A successful reply to `cmd`.
+    pub fn ok(cmd: &Value, ret: Value) -> String {
+        serde_json::json!({"return": ret, "id": cmd["id"]}).to_string()
+    }
+
+    /// An error reply to `cmd`.
+    pub fn error(cmd: &Value, class: &str, desc: &str) -> String {
+        serde_json::json!({"error": {"class": class, "desc": desc}, "id": cmd["id"]}).to_string()
+    }
+
+    /// An event line.
+    pub fn event(name: &str, data: Value) -> String {
+        serde_json::json!({"event": name, "data": data,
+            "timestamp": {"seconds": 1, "microseconds": 0}})
+        .to_string()
+    }
+
+    /// Greet, answer each command with `respond(cmd)`; after the first
+    /// (the handshake's `qmp_capabilities`) and a pause for the client to
+    /// subscribe, send `initial` (a `None` entry closes the connection
+    /// there).
+    pub async fn start<F>(initial: Vec<Option<String>>, respond: F) -> (Qmp, Received)
     where
-        F: Fn(&Value) -> Vec<String> + Send + 'static,
+        F: Fn(&Value) -> Reply + Send + 'static,
     {
-        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let received: Received = Arc::default();
+        let log = received.clone();
+        let (a, b) = tokio::net::UnixStream::pair().expect("socketpair");
         tokio::spawn(async move {
             let (r, mut w) = b.into_split();
-            w.write_all(format!("{GREETING}\n").as_bytes())
+            if w.write_all(format!("{GREETING}\n").as_bytes())
                 .await
-                .unwrap();
+                .is_err()
+            {
+                return;
+            }
             let mut lines = BufReader::new(r).lines();
+            let mut initial = Some(initial);
             while let Ok(Some(l)) = lines.next_line().await {
-                let cmd: Value = serde_json::from_str(&l).unwrap();
-                for out in respond(&cmd) {
-                    if w.write_all(format!("{out}\n").as_bytes()).await.is_err() {
-                        return;
+                let Ok(cmd) = serde_json::from_str::<Value>(&l) else {
+                    return;
+                };
+                let name = cmd["execute"].as_str().unwrap_or("").to_string();
+                log.lock().unwrap_or_else(|e| e.into_inner()).push(name);
+                match respond(&cmd) {
+                    Reply::Close => return,
+                    Reply::Lines(out) => {
+                        for o in out {
+                            if w.write_all(format!("{o}\n").as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                // After the handshake's reply, and once the client has had
+                // time to subscribe: the initial lines.
+                if let Some(init) = initial.take().filter(|i| !i.is_empty()) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    for line in init {
+                        let Some(line) = line else { return };
+                        if w.write_all(format!("{line}\n").as_bytes()).await.is_err() {
+                            return;
+                        }
                     }
                 }
             }
         });
         let (r, w) = a.into_split();
-        Qmp::handshake(r, w).await.unwrap()
+        let qmp = Qmp::handshake(r, w).await.expect("fake QMP handshake");
+        (qmp, received)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Error paths a real QEMU cannot be made to produce on demand: a newer
+    //! QEMU's unknown event and enum value, garbage lines, a dropped socket.
+    //! A fake QMP peer on a socketpair stands in for QEMU here only.
+    use super::fake::GREETING;
+    use super::*;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    async fn fake_qemu<F>(respond: F) -> Qmp
+    where
+        F: Fn(&Value) -> Vec<String> + Send + 'static,
+    {
+        super::fake::start(vec![], move |c| super::fake::Reply::Lines(respond(c)))
+            .await
+            .0
     }
 
     fn ok(cmd: &Value, ret: Value) -> String {

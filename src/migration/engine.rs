@@ -1,0 +1,1158 @@
+//! The migration engine. [`migrate`] runs the five phases of
+//! docs/migration.md top-down on one live [`State`]; [`recover`] finishes a
+//! migration a killed agent left behind. Both end through [`resolve`]'s
+//! `keep_source`, `switch_to_destination` or `crash`.
+//!
+//! The engine owns the flow and nothing else: it reaches the agent's tables,
+//! allocator, probes and spawner through [`Host`], a handle on one domain.
+//! The agent keeps the job lock, the API and the error mapping.
+//!
+//! ```text
+//!  Begin    persist Begin
+//!  Prepare  preflight; allocate a domid; persist Prepare; spawn the
+//!           destination -S -incoming defer on the same memfd and taps;
+//!           remote table; same disks; capabilities; prepare hooks;
+//!           migrate-incoming
+//!  Perform  persist Perform; migrate; wait for the source's MIGRATION event
+//!           (completed: past switchover, abort refused from here)
+//!  Finish   persist Finish; the destination loaded the state and the source
+//!           is proven stopped; persist the intent to resume; cont
+//!  Confirm  persist Confirm; swap the tables; quit the source; drop the job
+//! ```
+//! A failure before the intent to resume is on disk keeps the source; after
+//! it, the guest belongs to the destination, and a destination that then
+//! fails makes the domain crashed, never a resumed source.
+
+// A failed step hands back the whole state (it owns what the failure path
+// must clean up); that happens at most once per migration, so its size
+// costs nothing worth a box.
+#![allow(clippy::result_large_err)]
+
+use super::hooks::{self, HookEnv};
+use super::job::{Job, TargetInfo};
+use super::params::{self, Side};
+use super::phase::{job_path, JobFile, Outcome, Phase, PhaseName};
+use super::preflight::{self, PreflightError};
+use super::recovery::{self, Decision, Observed};
+use super::resolve::{self, Destination, Source};
+use super::state::{Failed, State};
+use super::MigrationError;
+use crate::domain::{Definition, DefinitionError, TableError};
+use crate::instance::domid::DomidError;
+use crate::instance::paths::{domain_run_dir, InstancePaths};
+use crate::instance::probe::{EmulatorInfo, ProbeError};
+use crate::instance::process::ProcessError;
+use crate::instance::{self, Instance, InstanceError, InstanceRecord};
+use crate::qmp::{Qmp, QmpError, QmpEvent};
+use serde::Serialize;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast;
+
+/// Test-only: `<phase>:before|after` (and `finish:resume`, between the
+/// persisted intent to resume and `cont`) makes the migration task stop
+/// there, after writing `<run>/domains/<name>/test-paused`, so a test can
+/// SIGKILL the agent.
+pub const TEST_PAUSE_ENV: &str = "QLIVE_TEST_PAUSE_AT";
+/// How long the destination may take to report the incoming state loaded
+/// once the source completed.
+const INCOMING_WAIT: Duration = Duration::from_secs(30);
+
+/// What the engine needs from the agent, for one domain.
+pub trait Host: Send + Sync {
+    fn name(&self) -> &str;
+    fn run_dir(&self) -> &Path;
+    fn hooks_dir(&self) -> &Path;
+    /// The (cached) probe of an emulator binary.
+    fn probe(
+        &self,
+        emulator: &Path,
+    ) -> impl Future<Output = Result<Arc<EmulatorInfo>, ProbeError>> + Send;
+    /// Can the QEMU user open every file the definition names?
+    fn check_qemu_access(&self, def: &Definition) -> Result<(), DefinitionError>;
+    fn allocate_domid(&self) -> Result<u64, DomidError>;
+    fn observe_domid(&self, domid: u64);
+    /// Spawn `def` paused with `-incoming defer` under `domid`, on the
+    /// source's guest RAM and taps.
+    fn spawn_destination(
+        &self,
+        def: &Definition,
+        domid: u64,
+        paths: InstancePaths,
+        src: &Instance,
+        info: &EmulatorInfo,
+    ) -> impl Future<Output = Result<Instance, MigrationError>> + Send;
+    /// Put the incoming instance in the remote (shadow) table.
+    fn insert_remote(&self, dst: Arc<Instance>) -> Result<(), TableError>;
+    fn take_remote(&self);
+    /// Make `inst` the domain's instance: out of the remote table, status
+    /// file, definition's emulator, exit watcher. Idempotent.
+    fn commit(&self, inst: &Arc<Instance>) -> impl Future<Output = ()> + Send;
+    /// No instance is left and none may be started automatically: the
+    /// domain is shut off with `reason`.
+    fn lost(&self, reason: String) -> impl Future<Output = ()> + Send;
+    /// The domain crashed during a migration; see [`resolve::crash`].
+    fn crashed(&self, reason: String) -> impl Future<Output = ()> + Send;
+    /// The stored definition (for the hook environment in recovery).
+    fn definition(&self) -> impl Future<Output = Definition> + Send;
+}
+
+/// Preflight of `target` for this domain; see [`preflight`].
+pub async fn preflight<H: Host>(
+    host: &H,
+    def: &Definition,
+    target: &Path,
+    src: &InstanceRecord,
+) -> Result<preflight::Passed, MigrationError> {
+    let fail = |source| MigrationError::Preflight {
+        emulator: target.to_path_buf(),
+        source,
+    };
+    let info = host
+        .probe(target)
+        .await
+        .map_err(|e| fail(PreflightError::Probe(e)))?;
+    preflight::check(&info, def, src).map_err(fail)?;
+    host.check_qemu_access(def)
+        .map_err(|e| fail(PreflightError::QemuAccess(e)))?;
+    Ok(info)
+}
+
+/// One migration to start.
+pub struct Request {
+    pub job: Arc<Job>,
+    pub src: Arc<Instance>,
+    pub def: Definition,
+    pub target: PathBuf,
+    pub timeout: Duration,
+    /// When the client's request arrived.
+    pub started: Instant,
+}
+
+/// One side of a finished migration.
+#[derive(Debug, Clone, Serialize)]
+pub struct SideReport {
+    pub domid: u64,
+    pub pid: i32,
+    pub emulator: PathBuf,
+    pub qemu_version: String,
+}
+
+impl SideReport {
+    fn of(i: &Instance) -> SideReport {
+        SideReport {
+            domid: i.domid(),
+            pid: i.pid(),
+            emulator: i.record.emulator.clone(),
+            qemu_version: i.record.qemu_version.to_string(),
+        }
+    }
+}
+
+/// Wall time per phase, in ms (null for a phase not reached).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PhaseTimes {
+    pub begin: Option<f64>,
+    pub prepare: Option<f64>,
+    pub perform: Option<f64>,
+    pub finish: Option<f64>,
+    pub confirm: Option<f64>,
+}
+
+impl PhaseTimes {
+    fn record(&mut self, p: PhaseName, since: Instant) {
+        let ms = (since.elapsed().as_secs_f64() * 1e6).round() / 1000.0;
+        let slot = match p {
+            PhaseName::Begin => &mut self.begin,
+            PhaseName::Prepare => &mut self.prepare,
+            PhaseName::Perform => &mut self.perform,
+            PhaseName::Finish => &mut self.finish,
+            PhaseName::Confirm => &mut self.confirm,
+        };
+        *slot = Some(ms);
+    }
+}
+
+/// A successful migration, as the `migrate` call answers it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub result: &'static str,
+    pub name: String,
+    pub from: SideReport,
+    pub to: SideReport,
+    pub phases_ms: PhaseTimes,
+    pub qemu_downtime_ms: Option<u64>,
+    pub qemu_total_ms: Option<u64>,
+    pub bytes_sent: Option<u64>,
+    /// From the source's completion event to the destination's `cont`
+    /// reply: what qlive adds to QEMU's own downtime.
+    pub completion_to_cont_us: u64,
+    pub total_ms: f64,
+}
+
+/// Live-migrate the domain's running instance `req.src` to a new QEMU of
+/// `req.target` on the same host.
+pub async fn migrate<H: Host>(host: &H, req: Request) -> Result<Report, MigrationError> {
+    let src_was_running = req.src.qmp.status().await.map(|s| s.0).unwrap_or(true);
+    let mut m = Migration {
+        host,
+        file: JobFile {
+            format: super::phase::FORMAT.into(),
+            version: super::phase::VERSION,
+            domain: host.name().to_string(),
+            target_emulator: req.target.clone(),
+            src_was_running,
+            started_at: req.job.started_at,
+            phase: Phase::Begin {
+                src: req.src.record.clone(),
+            },
+        },
+        path: job_path(&domain_run_dir(host.run_dir(), host.name())),
+        req,
+        times: PhaseTimes::default(),
+    };
+
+    // Begin
+    m.persist(&State::Begun)?;
+    m.test_pause("before").await;
+    m.times.record(PhaseName::Begin, m.req.started);
+    m.test_pause("after").await;
+
+    let resumed = async {
+        let st = m.prepare(State::Begun).await?;
+        let st = m.perform(st).await?;
+        m.finish(st).await
+    }
+    .await;
+    match resumed {
+        Ok((dst, overhead)) => Ok(m.confirm(dst, overhead).await),
+        Err(f) => Err(m.failed(f).await),
+    }
+}
+
+struct Migration<'h, H: Host> {
+    host: &'h H,
+    req: Request,
+    file: JobFile,
+    path: PathBuf,
+    times: PhaseTimes,
+}
+
+fn qmp_err(what: &'static str) -> impl FnOnce(QmpError) -> MigrationError {
+    move |source| MigrationError::Qmp { what, source }
+}
+
+/// `Err(Failed { state, error })` from an expression's error.
+macro_rules! attempt {
+    ($st:ident, $e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => return Err(Failed::new($st, e.into())),
+        }
+    };
+}
+
+impl<H: Host> Migration<'_, H> {
+    /// Persist what `st` derives (atomic write, fsync) before acting on it.
+    fn persist(&mut self, st: &State) -> Result<(), MigrationError> {
+        self.write(st.persisted(&self.req.src.record))?;
+        self.req.job.set_phase(st.phase_name());
+        Ok(())
+    }
+
+    fn write(&mut self, phase: Phase) -> Result<(), MigrationError> {
+        self.file.phase = phase;
+        self.file
+            .save(&self.path)
+            .map_err(|source| MigrationError::Persist {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Test-only stop point; see [`TEST_PAUSE_ENV`].
+    async fn test_pause(&self, when: &str) {
+        let Ok(want) = std::env::var(TEST_PAUSE_ENV) else {
+            return;
+        };
+        let here = format!("{}:{when}", self.file.phase.name());
+        if want == here {
+            let marker = domain_run_dir(self.host.run_dir(), self.host.name()).join("test-paused");
+            tracing::warn!(at = %here, "test pause: migration task stops here");
+            let _ = std::fs::write(&marker, &here);
+            std::future::pending::<()>().await;
+        }
+    }
+
+    fn hook_env(&self, st: &State) -> HookEnv {
+        HookEnv {
+            domain: self.host.name().to_string(),
+            src_domid: self.req.src.domid(),
+            dst_domid: st.dst_slot().map(|(d, _)| d).unwrap_or(0),
+            dst_pid: st.dst().map(|d| d.pid()),
+            emulator: self.req.target.clone(),
+            nics: hooks::nics_of(&self.req.def),
+        }
+    }
+
+    /// Prepare: preflight the target, spawn the destination paused with
+    /// `-incoming defer` on the same memfd, remote table, capabilities,
+    /// hooks, `migrate-incoming`.
+    async fn prepare(&mut self, st: State) -> Result<State, Failed> {
+        let t = Instant::now();
+        let src = self.req.src.clone();
+        let info = attempt!(
+            st,
+            preflight(self.host, &self.req.def, &self.req.target, &src.record).await
+        );
+        let domid = attempt!(
+            st,
+            self.host
+                .allocate_domid()
+                .map_err(MigrationError::AllocateDomid)
+        );
+        let paths = InstancePaths::new(self.host.run_dir(), self.host.name(), domid);
+        let st = st.allocate(domid, paths.clone())?;
+        attempt!(st, self.persist(&st));
+        self.test_pause("before").await;
+
+        let mut dst_def = self.req.def.clone();
+        dst_def.emulator = self.req.target.clone();
+        let dst = attempt!(
+            st,
+            self.host
+                .spawn_destination(&dst_def, domid, paths, &src, &info)
+                .await
+        );
+        let dst = Arc::new(dst);
+        self.req.job.set_target(TargetInfo {
+            domid,
+            pid: Some(dst.pid()),
+            emulator: self.req.target.clone(),
+        });
+        let st = st.spawned(dst.clone())?;
+        attempt!(
+            st,
+            self.host
+                .insert_remote(dst.clone())
+                .map_err(MigrationError::RemoteTaken)
+        );
+        attempt!(
+            st,
+            super::devices::same_disks(&src.record.disks, &dst.record.disks)
+                .map_err(MigrationError::DisksDiffer)
+        );
+        attempt!(
+            st,
+            params::apply(&src.qmp, Side::Source)
+                .await
+                .map_err(qmp_err("setting migration capabilities on the source"))
+        );
+        attempt!(
+            st,
+            params::apply(&dst.qmp, Side::Destination)
+                .await
+                .map_err(qmp_err("setting migration capabilities on the destination"))
+        );
+        attempt!(
+            st,
+            params::apply_test_parameters(&src.qmp)
+                .await
+                .map_err(qmp_err("setting test parameters"))
+        );
+        let env = self.hook_env(&st);
+        attempt!(st, hooks::prepare(self.host.hooks_dir(), &env).await);
+
+        let events = dst.qmp.subscribe();
+        let uri = format!("unix:{}", dst.record.paths.migrate.display());
+        attempt!(
+            st,
+            dst.qmp
+                .execute(qapi::qmp::migrate_incoming {
+                    uri: Some(uri),
+                    channels: None,
+                    exit_on_error: None,
+                })
+                .await
+                .map_err(qmp_err("migrate-incoming on the destination"))
+        );
+        let st = st.listening(events)?;
+        self.times.record(PhaseName::Prepare, t);
+        self.test_pause("after").await;
+        Ok(st)
+    }
+
+    /// Perform: `migrate` on the source, then wait for its MIGRATION event.
+    async fn perform(&mut self, st: State) -> Result<State, Failed> {
+        let t = Instant::now();
+        let st = st.perform()?;
+        attempt!(st, self.persist(&st));
+        self.test_pause("before").await;
+        if self.req.job.cancel.is_cancelled() {
+            return Err(Failed::new(st, MigrationError::Aborted));
+        }
+        let Some(dst) = st.dst().cloned() else {
+            return Err(Failed::new(
+                st,
+                MigrationError::Transition {
+                    from: "performing",
+                    step: "migrate",
+                },
+            ));
+        };
+        let src = self.req.src.clone();
+        let mut events = src.qmp.subscribe();
+        let uri = format!("unix:{}", dst.record.paths.migrate.display());
+        attempt!(
+            st,
+            src.qmp
+                .execute(qapi::qmp::migrate {
+                    uri: Some(uri),
+                    channels: None,
+                    detach: None,
+                    resume: None,
+                })
+                .await
+                .map_err(qmp_err("migrate on the source"))
+        );
+        let completed = wait_outgoing(&src.qmp, &mut events, &self.req.job, self.req.timeout);
+        let at = attempt!(st, completed.await);
+        self.req.job.mark_switchover();
+        let st = st.completed(at)?;
+        self.times.record(PhaseName::Perform, t);
+        self.test_pause("after").await;
+        Ok(st)
+    }
+
+    /// Finish: the destination loaded the state, the source is proven
+    /// stopped, the intent to resume is on disk, `cont`.
+    async fn finish(&mut self, st: State) -> Result<(Arc<Instance>, Duration), Failed> {
+        let t = Instant::now();
+        attempt!(st, self.persist(&st));
+        self.test_pause("before").await;
+        let (dst, mut events, at) = st.into_completed()?;
+        let src = self.req.src.clone();
+        let src_exited = || src.pidfd.exited();
+        // The persisted intent: written before `cont` is sent.
+        let intent = |file: &mut JobFile, path: &Path| -> Result<(), MigrationError> {
+            file.phase = Phase::Finish {
+                src: src.record.clone(),
+                dst: dst.record.clone(),
+                resume_sent: true,
+            };
+            file.save(path).map_err(|source| MigrationError::Persist {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let path = self.path.clone();
+        let file = &mut self.file;
+        let pause = std::env::var(TEST_PAUSE_ENV).ok().as_deref() == Some("finish:resume");
+        let marker = domain_run_dir(self.host.run_dir(), self.host.name()).join("test-paused");
+        let resumed = resume_destination(
+            &src.qmp,
+            src_exited,
+            &dst.qmp,
+            &mut events,
+            || intent(file, &path),
+            || async {
+                if pause {
+                    tracing::warn!("test pause: migration task stops at finish:resume");
+                    let _ = std::fs::write(&marker, "finish:resume");
+                    std::future::pending::<()>().await;
+                }
+            },
+        )
+        .await;
+        let st = State::Completed { dst, events, at };
+        let st = match resumed {
+            Ok(()) => st.resuming()?.resumed()?,
+            Err(Resume::NotResumed(e)) => return Err(Failed::new(st, e)),
+            Err(Resume::MayHaveRun(e)) => return Err(Failed::new(st.resuming()?, e)),
+        };
+        let overhead = at.elapsed();
+        tracing::debug!(
+            cont_us = overhead.as_micros() as u64,
+            "from the source's completion event to cont"
+        );
+        self.times.record(PhaseName::Finish, t);
+        self.test_pause("after").await;
+        match st {
+            State::Resumed { dst } => Ok((dst, overhead)),
+            other => Err(Failed::new(
+                other,
+                MigrationError::Transition {
+                    from: "resumed",
+                    step: "confirm",
+                },
+            )),
+        }
+    }
+
+    /// Confirm (success): persist, swap, quit the source, drop the job.
+    async fn confirm(&mut self, dst: Arc<Instance>, overhead: Duration) -> Report {
+        let t = Instant::now();
+        // Statistics only now: off the path between completion and cont.
+        let src = self.req.src.clone();
+        let stats = src
+            .qmp
+            .execute_raw("query-migrate", None)
+            .await
+            .unwrap_or(serde_json::Value::Null);
+        self.req
+            .job
+            .set_bytes(stats["ram"]["transferred"].as_u64().unwrap_or(0));
+        let next = self.file.phase.confirm(Outcome::Success, None);
+        if let Err(e) = self.write(next) {
+            // The destination runs the guest already; carry on regardless.
+            tracing::error!("persisting Confirm: {}", crate::error::chain(&e));
+        }
+        self.req.job.set_phase(PhaseName::Confirm);
+        self.test_pause("before").await;
+        resolve::switch_to_destination(self.host, Source::Held(src.clone()), &dst, false).await;
+        self.times.record(PhaseName::Confirm, t);
+        self.test_pause("after").await;
+        if let Err(e) = JobFile::remove(&self.path) {
+            tracing::warn!("removing the job file: {}", crate::error::chain(&e));
+        }
+        let total_ms = (self.req.started.elapsed().as_secs_f64() * 1e6).round() / 1000.0;
+        tracing::info!(
+            domain = self.host.name(),
+            from = src.domid(),
+            to = dst.domid(),
+            downtime_ms = stats["downtime"].as_u64(),
+            total_ms,
+            "migrated"
+        );
+        Report {
+            result: "success",
+            name: self.host.name().to_string(),
+            from: SideReport::of(&src),
+            to: SideReport::of(&dst),
+            phases_ms: self.times.clone(),
+            qemu_downtime_ms: stats["downtime"].as_u64(),
+            qemu_total_ms: stats["total-time"].as_u64(),
+            bytes_sent: stats["ram"]["transferred"].as_u64(),
+            completion_to_cont_us: overhead.as_micros() as u64,
+            total_ms,
+        }
+    }
+
+    /// The failure path: keep the source while the destination never ran;
+    /// once it may have run, the domain crashed.
+    async fn failed(&mut self, f: Failed) -> MigrationError {
+        let Failed { state, error } = f;
+        let hooks = state.hooks_may_have_run().then(|| self.hook_env(&state));
+        let dst = state.dst().cloned();
+        if state.destination_may_have_run() {
+            let reason = crate::error::chain(&error);
+            let next = self
+                .file
+                .phase
+                .confirm(Outcome::Crashed, Some(reason.clone()));
+            if let Err(e) = self.write(next) {
+                tracing::error!("persisting Confirm(crashed): {}", crate::error::chain(&e));
+            }
+            let paths: Vec<&InstancePaths> = state.dst_slot().map(|(_, p)| p).into_iter().collect();
+            let instances = dst.into_iter().chain([self.req.src.clone()]).collect();
+            resolve::crash(self.host, instances, paths, hooks, reason).await;
+            return error;
+        }
+        // The cause goes in the message text too: journald shows fields only
+        // with -o verbose.
+        tracing::warn!(
+            domain = self.host.name(),
+            state = state.label(),
+            "migration failed; keeping the source: {}",
+            crate::error::chain(&error)
+        );
+        let next = self.file.phase.confirm(Outcome::Failure, None);
+        if let Err(e) = self.write(next) {
+            tracing::error!("persisting Confirm(failure): {}", crate::error::chain(&e));
+        }
+        let cancel = matches!(state, State::Performing { .. });
+        resolve::keep_source(
+            self.host,
+            &self.req.src,
+            Destination {
+                instance: dst,
+                paths: state.dst_slot().map(|(_, p)| p),
+                hooks,
+            },
+            self.file.src_was_running,
+            cancel,
+        )
+        .await;
+        if let Err(e) = JobFile::remove(&self.path) {
+            tracing::warn!("removing the job file: {}", crate::error::chain(&e));
+        }
+        error
+    }
+}
+
+/// Wait for the source's MIGRATION event: `completed` returns the instant
+/// it arrived; abort and timeout cancel the migration first.
+async fn wait_outgoing(
+    src: &Qmp,
+    events: &mut broadcast::Receiver<QmpEvent>,
+    job: &Job,
+    timeout: Duration,
+) -> Result<Instant, MigrationError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        // biased: a completion that raced an abort wins (the switchover
+        // happened; abort is refused from then on).
+        tokio::select! {
+            biased;
+            ev = events.recv() => match ev {
+                Ok(ev) if ev.name == "MIGRATION" => {
+                    let status = ev.data["status"].as_str().unwrap_or("").to_string();
+                    match status.as_str() {
+                        "completed" => return Ok(Instant::now()),
+                        "failed" | "cancelled" => {
+                            let detail = src.execute_raw("query-migrate", None).await
+                                .ok()
+                                .and_then(|v| v["error-desc"].as_str().map(String::from))
+                                .unwrap_or_else(|| "QEMU gave no reason".into());
+                            return Err(MigrationError::Failed { status, detail });
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(_) => {}
+                // Events were dropped: ask for the status instead.
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    let v = src.execute_raw("query-migrate", None).await
+                        .map_err(qmp_err("query-migrate on the source"))?;
+                    match v["status"].as_str() {
+                        Some("completed") => return Ok(Instant::now()),
+                        Some(s @ ("failed" | "cancelled")) => return Err(MigrationError::Failed {
+                            status: s.to_string(),
+                            detail: v["error-desc"].as_str().unwrap_or("QEMU gave no reason").to_string(),
+                        }),
+                        _ => {}
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    return Err(MigrationError::Failed {
+                        status: "failed".into(),
+                        detail: "lost the source's QMP connection".into(),
+                    });
+                }
+            },
+            _ = job.cancel.cancelled() => {
+                super::cancel_outgoing(src).await;
+                return Err(MigrationError::Aborted);
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                super::cancel_outgoing(src).await;
+                return Err(MigrationError::Timeout { secs: timeout.as_secs() });
+            }
+        }
+    }
+}
+
+/// Why the destination was not resumed.
+#[derive(Debug)]
+pub enum Resume {
+    /// `cont` was provably never executed: the source may be kept.
+    NotResumed(MigrationError),
+    /// `cont` may have run: the destination may have run the guest.
+    MayHaveRun(MigrationError),
+}
+
+/// The last step of the switchover, on the destination. In order:
+/// 1. its incoming side reported `completed` (its MIGRATION event, or
+///    `query-migrate` when events were lost), while in parallel the source
+///    is asked whether its vCPUs still run: the safety invariant is proven
+///    before `cont`, not assumed;
+/// 2. `intent` persists that `cont` is about to be sent; if that fails,
+///    nothing is sent;
+/// 3. `cont`. Only an error *answer* from QEMU proves it did not run; a
+///    lost connection or an exited destination after this point may mean
+///    the guest ran there.
+pub async fn resume_destination<P, F>(
+    src: &Qmp,
+    src_exited: impl Fn() -> bool,
+    dst: &Qmp,
+    events: &mut broadcast::Receiver<QmpEvent>,
+    intent: impl FnOnce() -> Result<(), MigrationError>,
+    before_cont: P,
+) -> Result<(), Resume>
+where
+    P: FnOnce() -> F,
+    F: Future<Output = ()>,
+{
+    let incoming = async {
+        tokio::time::timeout(INCOMING_WAIT, wait_incoming(dst, events))
+            .await
+            .map_err(|_| MigrationError::Failed {
+                status: "failed".into(),
+                detail: format!(
+                    "the destination did not report completion within {} s",
+                    INCOMING_WAIT.as_secs()
+                ),
+            })?
+    };
+    // The proof that the source stopped is asked for while the destination
+    // finishes loading, so it costs no time between completion and cont.
+    let (incoming, src_status) = tokio::join!(incoming, src.status());
+    incoming.map_err(Resume::NotResumed)?;
+    match src_status {
+        Ok((true, status)) => {
+            return Err(Resume::NotResumed(MigrationError::SourceRunning { status }))
+        }
+        Ok((false, _)) => {}
+        // A source that died after completing holds no vCPUs any more.
+        Err(_) if src_exited() => {}
+        Err(e) => {
+            return Err(Resume::NotResumed(qmp_err("checking the source stopped")(
+                e,
+            )))
+        }
+    }
+    intent().map_err(Resume::NotResumed)?;
+    before_cont().await;
+    match dst.cont().await {
+        Ok(()) => Ok(()),
+        Err(e @ QmpError::Command { .. }) => Err(Resume::NotResumed(qmp_err(
+            "resuming the destination (cont)",
+        )(e))),
+        Err(e) => Err(Resume::MayHaveRun(MigrationError::Crashed {
+            detail: format!("cont: {}", crate::error::chain(&e)),
+        })),
+    }
+}
+
+/// The destination's own MIGRATION `completed` (usually already queued).
+async fn wait_incoming(
+    dst: &Qmp,
+    events: &mut broadcast::Receiver<QmpEvent>,
+) -> Result<(), MigrationError> {
+    let failed = |s: &str| MigrationError::Failed {
+        status: s.to_string(),
+        detail: "the destination could not load the incoming state".into(),
+    };
+    loop {
+        match events.recv().await {
+            Ok(ev) if ev.name == "MIGRATION" => match ev.data["status"].as_str() {
+                Some("completed") => return Ok(()),
+                Some(s @ ("failed" | "cancelled")) => return Err(failed(s)),
+                _ => {}
+            },
+            Ok(_) => {}
+            // Events were dropped: the event we wait for may be among them.
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                let v = dst
+                    .execute_raw("query-migrate", None)
+                    .await
+                    .map_err(qmp_err("query-migrate on the destination"))?;
+                match v["status"].as_str() {
+                    Some("completed") => return Ok(()),
+                    Some(s @ ("failed" | "cancelled")) => return Err(failed(s)),
+                    _ => {}
+                }
+            }
+            Err(broadcast::error::RecvError::Closed) => {
+                return Err(MigrationError::Failed {
+                    status: "failed".into(),
+                    detail: "the destination QEMU went away".into(),
+                })
+            }
+        }
+    }
+}
+
+/// What recovery found: which instance directories the startup sweep
+/// must leave alone.
+pub enum Recovered {
+    /// This domid runs the guest.
+    Domid(u64),
+    /// No instance runs the guest.
+    Nothing,
+    /// Unknown: an instance lives but could not be talked to; the job file
+    /// is kept so a later start retries, and nothing is swept.
+    LeaveAlone {
+        src: Box<InstanceRecord>,
+        reason: String,
+    },
+}
+
+/// Adopt an instance from a record: `Ok(None)` if it is gone (or its pid
+/// is another process now), `Err` if it is alive but cannot be adopted.
+async fn try_adopt(rec: &InstanceRecord) -> Result<Option<Arc<Instance>>, String> {
+    match instance::adopt(rec.clone()).await {
+        Ok(i) => Ok(Some(Arc::new(i))),
+        Err(InstanceError::Process(ProcessError::Gone { .. } | ProcessError::Reused { .. })) => {
+            Ok(None)
+        }
+        Err(e) => Err(format!(
+            "QEMU (domid {}, pid {}) runs but could not be adopted: {}",
+            rec.domid,
+            rec.process.pid,
+            crate::error::chain(&e)
+        )),
+    }
+}
+
+/// (alive, vCPUs running, query-migrate status) of one instance.
+async fn observe_one(i: Option<&Arc<Instance>>) -> (bool, bool, Option<String>) {
+    let Some(i) = i else {
+        return (false, false, None);
+    };
+    let running = i.qmp.status().await.map(|x| x.0).unwrap_or(false);
+    let migration = i
+        .qmp
+        .execute_raw("query-migrate", None)
+        .await
+        .ok()
+        .and_then(|v| v["status"].as_str().map(String::from));
+    (true, running, migration)
+}
+
+/// Finish a migration the agent was killed in, by the rules of
+/// [`recovery`], through the same [`resolve`] steps as the live path.
+pub async fn recover<H: Host>(host: &H, job: JobFile) -> Recovered {
+    let path = job_path(&domain_run_dir(host.run_dir(), host.name()));
+    let phase = job.phase.name();
+    let (outcome, crash_reason) = match &job.phase {
+        Phase::Confirm {
+            outcome, reason, ..
+        } => (Some(*outcome), reason.clone()),
+        _ => (None, None),
+    };
+    let resume_sent = matches!(
+        job.phase,
+        Phase::Finish {
+            resume_sent: true,
+            ..
+        }
+    );
+    let parts = job.phase.parts();
+    host.observe_domid(parts.src.domid);
+    if let Some(d) = parts.dst_domid {
+        host.observe_domid(d);
+    }
+    let adopted = async {
+        let src = try_adopt(parts.src).await?;
+        let dst = match parts.dst {
+            Some(r) => try_adopt(r).await?,
+            None => None,
+        };
+        Ok::<_, String>((src, dst))
+    };
+    let (src, dst) = match adopted.await {
+        Ok(v) => v,
+        Err(why) => {
+            // Never decide on a guess: an instance that lives but cannot be
+            // talked to may be the one running the guest.
+            return Recovered::LeaveAlone {
+                src: Box::new(parts.src.clone()),
+                reason: format!("interrupted migration (phase {phase}) not recovered: {why}"),
+            };
+        }
+    };
+    let (src_alive, src_running, src_migration) = observe_one(src.as_ref()).await;
+    let (dst_alive, dst_running, dst_migration) = observe_one(dst.as_ref()).await;
+    let observed = Observed {
+        src_alive,
+        src_running,
+        src_migration,
+        dst_alive,
+        dst_running,
+        dst_migration,
+        resume_sent,
+    };
+    let decision = recovery::decide(phase, outcome, &observed);
+    tracing::warn!(domain = host.name(), %phase, ?outcome, ?observed, ?decision, "recovering interrupted migration");
+    // Prepare hooks may have run once a destination slot existed.
+    let hooks = if parts.dst_paths.is_some() {
+        Some(HookEnv {
+            domain: host.name().to_string(),
+            src_domid: parts.src.domid,
+            dst_domid: parts.dst_domid.unwrap_or(0),
+            dst_pid: parts.dst.map(|d| d.process.pid),
+            emulator: job.target_emulator.clone(),
+            nics: hooks::nics_of(&host.definition().await),
+        })
+    } else {
+        None
+    };
+    let winner = match decision {
+        Decision::KeepSource { cancel_migration } => match src {
+            Some(src) => {
+                resolve::keep_source(
+                    host,
+                    &src,
+                    Destination {
+                        instance: dst,
+                        paths: parts.dst_paths,
+                        hooks,
+                    },
+                    job.src_was_running,
+                    cancel_migration,
+                )
+                .await;
+                Some(src)
+            }
+            None => {
+                host.lost("migration recovery found no instance to keep".into())
+                    .await;
+                None
+            }
+        },
+        Decision::SwitchToDestination { cont_dst } => match dst {
+            Some(d) => {
+                let from = match src {
+                    Some(s) => Source::Held(s),
+                    None => Source::Gone(parts.src),
+                };
+                resolve::switch_to_destination(host, from, &d, cont_dst).await;
+                Some(d)
+            }
+            None => {
+                host.lost("migration recovery found no instance to keep".into())
+                    .await;
+                None
+            }
+        },
+        Decision::Crashed(reason) => {
+            let reason = crash_reason.unwrap_or(reason);
+            let next = job.phase.confirm(Outcome::Crashed, Some(reason.clone()));
+            let file = JobFile {
+                phase: next,
+                ..job.clone()
+            };
+            if let Err(e) = file.save(&path) {
+                tracing::error!("persisting Confirm(crashed): {}", crate::error::chain(&e));
+            }
+            let paths = [Some(&parts.src.paths), parts.dst_paths]
+                .into_iter()
+                .flatten()
+                .collect();
+            resolve::crash(
+                host,
+                [src, dst].into_iter().flatten().collect(),
+                paths,
+                hooks,
+                reason,
+            )
+            .await;
+            return Recovered::Nothing;
+        }
+        Decision::Lost(reason) => {
+            for i in [src, dst].into_iter().flatten() {
+                i.kill("migration recovery: guest lost", resolve::KILL_WAIT)
+                    .await;
+            }
+            host.lost(reason).await;
+            None
+        }
+    };
+    if let Err(e) = JobFile::remove(&path) {
+        tracing::warn!("removing the job file: {}", crate::error::chain(&e));
+    }
+    match winner {
+        Some(i) => {
+            tracing::warn!(
+                domain = host.name(),
+                domid = i.domid(),
+                "migration recovered"
+            );
+            Recovered::Domid(i.domid())
+        }
+        None => Recovered::Nothing,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The safety branches of the switchover against fake QMP peers: what a
+    //! real QEMU cannot be made to do on demand (a source that still runs
+    //! after `completed`, a destination lost exactly between `cont` and its
+    //! reply, a burst of events that overruns the subscriber).
+    use super::*;
+    use crate::qmp::fake::{self, Reply};
+    use serde_json::{json, Value};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn answer(cmd: &Value, running: bool, migrate: &str) -> Reply {
+        match cmd["execute"].as_str() {
+            Some("query-status") => Reply::Lines(vec![fake::ok(
+                cmd,
+                json!({"running": running, "status": if running {"running"} else {"postmigrate"}}),
+            )]),
+            Some("query-migrate") => Reply::Lines(vec![fake::ok(cmd, json!({"status": migrate}))]),
+            _ => Reply::Lines(vec![fake::ok(cmd, json!({}))]),
+        }
+    }
+
+    fn completed() -> Option<String> {
+        Some(fake::event("MIGRATION", json!({"status": "completed"})))
+    }
+
+    async fn stopped_source() -> (Qmp, fake::Received) {
+        fake::start(vec![], |c| answer(c, false, "completed")).await
+    }
+
+    /// Run `resume_destination`; returns the result and whether the intent
+    /// was persisted.
+    async fn resume(
+        src: &Qmp,
+        src_exited: bool,
+        dst: &Qmp,
+        events: &mut broadcast::Receiver<QmpEvent>,
+        intent_ok: bool,
+    ) -> (Result<(), Resume>, bool) {
+        let persisted = AtomicBool::new(false);
+        let r = resume_destination(
+            src,
+            || src_exited,
+            dst,
+            events,
+            || {
+                persisted.store(true, Ordering::SeqCst);
+                if intent_ok {
+                    Ok(())
+                } else {
+                    Err(MigrationError::Persist {
+                        path: "/run/qlive/domains/vm/job.json".into(),
+                        source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+                    })
+                }
+            },
+            || async {},
+        )
+        .await;
+        (r, persisted.load(Ordering::SeqCst))
+    }
+
+    fn sent(r: &fake::Received, name: &str) -> bool {
+        r.lock().unwrap().iter().any(|c| c == name)
+    }
+
+    #[tokio::test]
+    async fn a_source_still_running_is_never_joined_by_the_destination() {
+        let (src, _) = fake::start(vec![], |c| answer(c, true, "completed")).await;
+        let (dst, dst_got) =
+            fake::start(vec![completed()], |c| answer(c, false, "completed")).await;
+        let mut events = dst.subscribe();
+        let (r, persisted) = resume(&src, false, &dst, &mut events, true).await;
+        assert!(
+            matches!(
+                r,
+                Err(Resume::NotResumed(MigrationError::SourceRunning { .. }))
+            ),
+            "{r:?}"
+        );
+        assert!(!persisted, "no intent is recorded for a cont never sent");
+        assert!(!sent(&dst_got, "cont"));
+    }
+
+    #[tokio::test]
+    async fn a_destination_gone_before_cont_leaves_the_source_to_keep() {
+        let (src, _) = stopped_source().await;
+        // Greets, then closes before reporting the incoming state loaded.
+        let (dst, _) = fake::start(vec![None], |c| answer(c, false, "active")).await;
+        let mut events = dst.subscribe();
+        let (r, persisted) = resume(&src, false, &dst, &mut events, true).await;
+        assert!(
+            matches!(r, Err(Resume::NotResumed(MigrationError::Failed { .. }))),
+            "{r:?}"
+        );
+        assert!(!persisted);
+    }
+
+    #[tokio::test]
+    async fn a_destination_lost_after_cont_may_have_run() {
+        let (src, _) = stopped_source().await;
+        let (dst, dst_got) = fake::start(vec![completed()], |c| match c["execute"].as_str() {
+            // The connection drops between `cont` and its reply.
+            Some("cont") => Reply::Close,
+            _ => answer(c, false, "completed"),
+        })
+        .await;
+        let mut events = dst.subscribe();
+        let (r, persisted) = resume(&src, false, &dst, &mut events, true).await;
+        assert!(
+            matches!(r, Err(Resume::MayHaveRun(MigrationError::Crashed { .. }))),
+            "{r:?}"
+        );
+        assert!(persisted, "the intent was on disk before cont was sent");
+        assert!(sent(&dst_got, "cont"));
+    }
+
+    #[tokio::test]
+    async fn cont_refused_by_qemu_proves_the_destination_never_ran() {
+        let (src, _) = stopped_source().await;
+        let (dst, _) = fake::start(vec![completed()], |c| match c["execute"].as_str() {
+            Some("cont") => Reply::Lines(vec![fake::error(c, "GenericError", "not ready")]),
+            _ => answer(c, false, "completed"),
+        })
+        .await;
+        let mut events = dst.subscribe();
+        let (r, _) = resume(&src, false, &dst, &mut events, true).await;
+        assert!(
+            matches!(r, Err(Resume::NotResumed(MigrationError::Qmp { .. }))),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn no_cont_without_the_persisted_intent() {
+        let (src, _) = stopped_source().await;
+        let (dst, dst_got) =
+            fake::start(vec![completed()], |c| answer(c, false, "completed")).await;
+        let mut events = dst.subscribe();
+        let (r, persisted) = resume(&src, false, &dst, &mut events, false).await;
+        assert!(persisted);
+        assert!(
+            matches!(r, Err(Resume::NotResumed(MigrationError::Persist { .. }))),
+            "{r:?}"
+        );
+        assert!(!sent(&dst_got, "cont"));
+    }
+
+    #[tokio::test]
+    async fn lost_events_are_replaced_by_query_migrate() {
+        let (src, _) = stopped_source().await;
+        // The completion event, then more events than the subscriber holds:
+        // the completion is overrun before it is read.
+        let mut burst = vec![completed()];
+        burst.extend((0..1100).map(|i| Some(fake::event("RTC_CHANGE", json!({"offset": i})))));
+        let (dst, dst_got) = fake::start(burst, |c| answer(c, false, "completed")).await;
+        let mut events = dst.subscribe();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (r, persisted) = resume(&src, false, &dst, &mut events, true).await;
+        assert!(r.is_ok(), "{r:?}");
+        assert!(persisted);
+        assert!(sent(&dst_got, "query-migrate"), "asked instead of waiting");
+        assert!(sent(&dst_got, "cont"));
+    }
+
+    #[tokio::test]
+    async fn a_source_that_died_after_completing_holds_no_vcpus() {
+        let (src, _) = fake::start(vec![None], |c| answer(c, true, "completed")).await;
+        let (dst, dst_got) =
+            fake::start(vec![completed()], |c| answer(c, false, "completed")).await;
+        let mut events = dst.subscribe();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (r, _) = resume(&src, true, &dst, &mut events, true).await;
+        assert!(r.is_ok(), "{r:?}");
+        assert!(sent(&dst_got, "cont"));
+        // ... but a source that only stopped answering is not proof.
+        let (src, _) = fake::start(vec![None], |c| answer(c, true, "completed")).await;
+        let (dst, dst_got) =
+            fake::start(vec![completed()], |c| answer(c, false, "completed")).await;
+        let mut events = dst.subscribe();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (r, _) = resume(&src, false, &dst, &mut events, true).await;
+        assert!(
+            matches!(r, Err(Resume::NotResumed(MigrationError::Qmp { .. }))),
+            "{r:?}"
+        );
+        assert!(!sent(&dst_got, "cont"));
+    }
+}
