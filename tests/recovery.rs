@@ -19,18 +19,27 @@ enum Winner {
     Destination,
 }
 
-fn kill_in_phase(at: &str, winner: Winner, decision: &str) {
+/// A rig whose agent pauses migrations at `at`, with the guest `rec`
+/// running: returns the rig, its heartbeat and its info.
+fn paused_rig(at: &str) -> (Rig, Heartbeat, Value) {
     let mut rig = Rig::new();
-    let name = "rec";
     rig.kill_agent();
     rig.start_agent_with(&[("QLIVE_TEST_PAUSE_AT", at)]);
-    rig.define_guest(name, 256, json!({}));
-    rig.ok(&["start", name]);
-    let hb = rig.wait_heartbeat_past(name, 200, Duration::from_secs(60));
-    let before = rig.info(name);
+    rig.define_guest("rec", 256, json!({}));
+    rig.ok(&["start", "rec"]);
+    let hb = rig.wait_heartbeat_past("rec", 200, Duration::from_secs(60));
+    let before = rig.info("rec");
+    (rig, hb, before)
+}
 
-    let mig = rig.migrate_bg(name, &[]);
-    let marker = rig.run.join(format!("domains/{name}/test-paused"));
+/// Migrate `rec` until the agent pauses at `at`; returns the job file and
+/// the client's thread.
+fn migrate_until_paused(
+    rig: &Rig,
+    at: &str,
+) -> (Value, std::thread::JoinHandle<std::process::Output>) {
+    let mig = rig.migrate_bg("rec", &[]);
+    let marker = rig.run.join("domains/rec/test-paused");
     let t0 = Instant::now();
     while !marker.exists() {
         assert!(
@@ -40,10 +49,17 @@ fn kill_in_phase(at: &str, winner: Winner, decision: &str) {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let job: Value = serde_json::from_slice(
-        &std::fs::read(rig.run.join(format!("domains/{name}/job.json"))).unwrap(),
-    )
-    .unwrap();
+    let _ = std::fs::remove_file(&marker);
+    let job: Value =
+        serde_json::from_slice(&std::fs::read(rig.run.join("domains/rec/job.json")).unwrap())
+            .unwrap();
+    (job, mig)
+}
+
+fn kill_in_phase(at: &str, winner: Winner, decision: &str) {
+    let (mut rig, hb, before) = paused_rig(at);
+    let name = "rec";
+    let (job, mig) = migrate_until_paused(&rig, at);
     let target_domid = job
         .get("dst")
         .map(|d| d["domid"].clone())
@@ -51,7 +67,6 @@ fn kill_in_phase(at: &str, winner: Winner, decision: &str) {
     rig.kill_agent();
     let o = mig.join().unwrap();
     assert!(!o.status.success(), "the client lost its agent");
-    let _ = std::fs::remove_file(&marker);
 
     rig.start_agent();
     let log = rig.agent_log_text();
@@ -182,33 +197,11 @@ fn alive(pid: i32) -> bool {
 /// QEMU too, and start a plain agent. Returns the rig, the domain's info
 /// before, and its info after recovery.
 fn kill_agent_and_destination(at: &str) -> (Rig, Value, Value) {
-    let mut rig = Rig::new();
-    let name = "rec";
-    rig.kill_agent();
-    rig.start_agent_with(&[("QLIVE_TEST_PAUSE_AT", at)]);
-    rig.define_guest(name, 256, json!({}));
-    rig.ok(&["start", name]);
-    rig.wait_heartbeat_past(name, 200, Duration::from_secs(60));
-    let before = rig.info(name);
-    let mig = rig.migrate_bg(name, &[]);
-    let marker = rig.run.join(format!("domains/{name}/test-paused"));
-    let t0 = Instant::now();
-    while !marker.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "never paused at {at}: {}",
-            tail(&rig.agent_log_text(), 20)
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let job: Value = serde_json::from_slice(
-        &std::fs::read(rig.run.join(format!("domains/{name}/job.json"))).unwrap(),
-    )
-    .unwrap();
+    let (mut rig, _, before) = paused_rig(at);
+    let (job, mig) = migrate_until_paused(&rig, at);
     let dst_pid = job["dst"]["process"]["pid"].as_i64().expect("dst pid") as i32;
     rig.kill_agent();
     let _ = mig.join().unwrap();
-    let _ = std::fs::remove_file(&marker);
     // SAFETY: kill(2) on the destination QEMU this test's agent started.
     assert_eq!(unsafe { libc::kill(dst_pid, libc::SIGKILL) }, 0);
     let t0 = Instant::now();
@@ -220,7 +213,7 @@ fn kill_agent_and_destination(at: &str) -> (Rig, Value, Value) {
         std::thread::sleep(Duration::from_millis(10));
     }
     rig.start_agent();
-    let after = rig.info(name);
+    let after = rig.info("rec");
     (rig, before, after)
 }
 
