@@ -6,6 +6,7 @@
 //! one, and only until switchover.
 
 use super::{Agent, AgentError, Domain, Run};
+use crate::api;
 use crate::domain::Definition;
 use crate::error::chain as error_chain;
 use crate::instance::cmdline::StartMode;
@@ -17,7 +18,7 @@ use crate::migration::params::{self, Side};
 use crate::migration::phase::{job_path, JobFile, Outcome, Phase, PhaseName};
 use crate::migration::MigrationError;
 use crate::qmp::{QmpError, QmpEvent};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -52,17 +53,20 @@ impl Times {
     fn record(&mut self, p: PhaseName, since: Instant) {
         self.ms.push((p, since.elapsed().as_secs_f64() * 1e3));
     }
-    fn json(&self) -> Value {
-        let mut m = serde_json::Map::new();
-        for p in PhaseName::ALL {
-            let v = self
-                .ms
+    fn phases(&self) -> api::PhasesMs {
+        let ms = |p: PhaseName| {
+            self.ms
                 .iter()
                 .find(|(q, _)| *q == p)
-                .map(|(_, ms)| (ms * 1000.0).round() / 1000.0);
-            m.insert(p.as_str().into(), json!(v));
+                .map(|(_, ms)| (ms * 1000.0).round() / 1000.0)
+        };
+        api::PhasesMs {
+            begin: ms(PhaseName::Begin),
+            prepare: ms(PhaseName::Prepare),
+            perform: ms(PhaseName::Perform),
+            finish: ms(PhaseName::Finish),
+            confirm: ms(PhaseName::Confirm),
         }
-        Value::Object(m)
     }
 }
 
@@ -419,7 +423,7 @@ impl Agent {
         self: &Arc<Self>,
         name: &str,
         emulator: Option<PathBuf>,
-    ) -> Result<Value, AgentError> {
+    ) -> Result<api::Preflight, AgentError> {
         let dom = self.lookup(name)?;
         let (def, running) = {
             let st = dom.state.lock().await;
@@ -442,17 +446,20 @@ impl Agent {
             )));
         };
         let verdict = self.preflight(&def, &target, &rec).await;
-        Ok(json!({
-            "name": dom.name,
-            "domid": rec.domid,
-            "from": {"emulator": rec.emulator, "qemu_version": rec.qemu_version.to_string()},
-            "to": {
-                "emulator": target,
-                "qemu_version": verdict.as_ref().ok().map(|i| i.version.to_string()),
+        Ok(api::Preflight {
+            name: dom.name.clone(),
+            domid: rec.domid,
+            from: api::EmulatorVersion {
+                emulator: rec.emulator.clone(),
+                qemu_version: Some(rec.qemu_version.to_string()),
             },
-            "ok": verdict.is_ok(),
-            "reason": verdict.err().map(|e| error_chain(&e)),
-        }))
+            to: api::EmulatorVersion {
+                emulator: target,
+                qemu_version: verdict.as_ref().ok().map(|i| i.version.to_string()),
+            },
+            ok: verdict.is_ok(),
+            reason: verdict.err().map(|e| error_chain(&e)),
+        })
     }
 
     pub(super) async fn migrate(
@@ -460,7 +467,7 @@ impl Agent {
         name: &str,
         emulator: Option<PathBuf>,
         timeout: Duration,
-    ) -> Result<Value, AgentError> {
+    ) -> Result<api::Migrated, AgentError> {
         let t0 = Instant::now();
         let dom = self.lookup(name)?;
         // Begin: take the job under the domain lock.
@@ -524,7 +531,7 @@ impl Agent {
         target: PathBuf,
         timeout: Duration,
         t0: Instant,
-    ) -> Result<Value, AgentError> {
+    ) -> Result<api::Migrated, AgentError> {
         let path = job_path(&domain_run_dir(&self.cfg.run_dir, &dom.name));
         let src_was_running = src.qmp.status().await.map(|s| s.0).unwrap_or(true);
         let mut m = Mig {
@@ -620,28 +627,28 @@ impl Agent {
             tracing::warn!(error = %e, "removing job file");
         }
         let total_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let side = |i: &Instance| {
-            json!({
-                "domid": i.domid(),
-                "pid": i.pid(),
-                "emulator": i.record.emulator,
-                "qemu_version": i.record.qemu_version.to_string(),
-            })
+        let side = |i: &Instance| api::InstanceSide {
+            domid: i.domid(),
+            pid: i.pid(),
+            emulator: i.record.emulator.clone(),
+            qemu_version: i.record.qemu_version.to_string(),
         };
         tracing::info!(domain = %dom.name, from = src.domid(), to = dst.domid(),
             downtime_ms = stats["downtime"].as_u64(), total_ms, "migrated");
-        Ok(json!({
-            "result": "success",
-            "name": dom.name,
-            "from": side(&src),
-            "to": side(&dst),
-            "phases_ms": m.times.json(),
-            "qemu_downtime_ms": stats["downtime"],
-            "qemu_total_ms": stats["total-time"],
-            "bytes_sent": stats["ram"]["transferred"],
-            "completion_to_cont_us": overhead.as_micros() as u64,
-            "total_ms": (total_ms * 1000.0).round() / 1000.0,
-        }))
+        Ok(api::Migrated {
+            result: api::MigrateResult::Success,
+            name: dom.name.clone(),
+            stats: api::MigrationStats {
+                from: side(&src),
+                to: side(&dst),
+                phases_ms: m.times.phases(),
+                qemu_downtime_ms: stats["downtime"].as_u64(),
+                qemu_total_ms: stats["total-time"].as_u64(),
+                bytes_sent: stats["ram"]["transferred"].as_u64(),
+                completion_to_cont_us: overhead.as_micros() as u64,
+                total_ms: (total_ms * 1000.0).round() / 1000.0,
+            },
+        })
     }
 
     /// The swap: the incoming instance leaves the remote table and becomes
@@ -715,19 +722,22 @@ impl Agent {
         }
     }
 
-    pub(super) async fn job(self: &Arc<Self>, name: &str) -> Result<Value, AgentError> {
+    pub(super) async fn job(
+        self: &Arc<Self>,
+        name: &str,
+    ) -> Result<Option<api::JobInfo>, AgentError> {
         let dom = self.lookup(name)?;
         let job = dom.state.lock().await.job.clone();
         match job {
             Some(j) => {
                 j.refresh_bytes().await;
-                Ok(j.to_json())
+                Ok(Some(super::job_info(&j)))
             }
-            None => Ok(Value::Null),
+            None => Ok(None),
         }
     }
 
-    pub(super) async fn abort(self: &Arc<Self>, name: &str) -> Result<Value, AgentError> {
+    pub(super) async fn abort(self: &Arc<Self>, name: &str) -> Result<api::Aborting, AgentError> {
         let dom = self.lookup(name)?;
         let st = dom.state.lock().await;
         let Some(job) = &st.job else {
@@ -744,6 +754,10 @@ impl Agent {
             )));
         }
         job.cancel.cancel();
-        Ok(json!({"name": dom.name, "phase": job.phase().as_str(), "aborting": true}))
+        Ok(api::Aborting {
+            name: dom.name.clone(),
+            phase: job.phase().as_str().into(),
+            aborting: true,
+        })
     }
 }

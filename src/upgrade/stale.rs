@@ -44,6 +44,31 @@ pub struct StaleReason {
     pub path: PathBuf,
 }
 
+impl StaleKind {
+    /// The name on the wire (`stale` results), as serialized.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StaleKind::ExeDeleted => "exe-deleted",
+            StaleKind::ExeReplaced => "exe-replaced",
+            StaleKind::LibraryDeleted => "library-deleted",
+            StaleKind::LibraryReplaced => "library-replaced",
+            StaleKind::LibraryModified => "library-modified",
+            StaleKind::FirmwareDeleted => "firmware-deleted",
+            StaleKind::FirmwareReplaced => "firmware-replaced",
+        }
+    }
+
+    pub const ALL: [StaleKind; 7] = [
+        StaleKind::ExeDeleted,
+        StaleKind::ExeReplaced,
+        StaleKind::LibraryDeleted,
+        StaleKind::LibraryReplaced,
+        StaleKind::LibraryModified,
+        StaleKind::FirmwareDeleted,
+        StaleKind::FirmwareReplaced,
+    ];
+}
+
 impl std::fmt::Display for StaleReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let what = match self.kind {
@@ -181,6 +206,13 @@ mod tests {
     use crate::instance::files::{mapped_files, resolve_firmware};
     use std::path::Path;
     use std::process::{Child, Command};
+
+    #[test]
+    fn kind_names_are_the_serialized_ones() {
+        for k in StaleKind::ALL {
+            assert_eq!(serde_json::json!(k), serde_json::json!(k.as_str()));
+        }
+    }
 
     struct Kill(Child);
     impl Drop for Kill {
