@@ -8,6 +8,7 @@
 //! one, and only until switchover.
 
 use super::{Agent, AgentError, Domain, Run};
+use crate::api;
 use crate::domain::{Definition, DefinitionError, TableError};
 use crate::instance::cmdline::StartMode;
 use crate::instance::domid::DomidError;
@@ -17,7 +18,6 @@ use crate::instance::{self, Instance, SpawnSpec};
 use crate::migration::engine::{self, Host, Request};
 use crate::migration::job::Job;
 use crate::migration::MigrationError;
-use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -154,7 +154,7 @@ impl Agent {
         self: &Arc<Self>,
         name: &str,
         emulator: Option<PathBuf>,
-    ) -> Result<Value, AgentError> {
+    ) -> Result<api::Preflight, AgentError> {
         let dom = self.lookup(name)?;
         let (def, running) = {
             let st = dom.state.lock().await;
@@ -181,17 +181,20 @@ impl Agent {
             dom: dom.clone(),
         };
         let verdict = engine::preflight(&host, &def, &target, &rec).await;
-        Ok(json!({
-            "name": dom.name,
-            "domid": rec.domid,
-            "from": {"emulator": rec.emulator, "qemu_version": rec.qemu_version.to_string()},
-            "to": {
-                "emulator": target,
-                "qemu_version": verdict.as_ref().ok().map(|i| i.version.to_string()),
+        Ok(api::Preflight {
+            name: dom.name.clone(),
+            domid: rec.domid,
+            from: api::EmulatorVersion {
+                emulator: rec.emulator.clone(),
+                qemu_version: Some(rec.qemu_version.to_string()),
             },
-            "ok": verdict.is_ok(),
-            "reason": verdict.err().map(|e| crate::error::chain(&e)),
-        }))
+            to: api::EmulatorVersion {
+                emulator: target,
+                qemu_version: verdict.as_ref().ok().map(|i| i.version.to_string()),
+            },
+            ok: verdict.is_ok(),
+            reason: verdict.err().map(|e| crate::error::chain(&e)),
+        })
     }
 
     /// Begin under the domain lock (the job is taken), then the engine in a
@@ -201,7 +204,7 @@ impl Agent {
         name: &str,
         emulator: Option<PathBuf>,
         timeout: Duration,
-    ) -> Result<Value, AgentError> {
+    ) -> Result<api::Migrated, AgentError> {
         let started = Instant::now();
         let dom = self.lookup(name)?;
         let (job, src, def) = {
@@ -254,10 +257,7 @@ impl Agent {
         // Whatever happened, the job is over (a test pause never gets here).
         dom.state.lock().await.job = None;
         match res {
-            Ok(Ok(report)) => serde_json::to_value(report).map_err(|e| AgentError::Io {
-                what: "encoding the migration report".into(),
-                source: std::io::Error::other(e),
-            }),
+            Ok(Ok(report)) => Ok(migrated(report)),
             Ok(Err(source)) => Err(AgentError::Migration {
                 name: dom.name.clone(),
                 source,
@@ -269,19 +269,22 @@ impl Agent {
         }
     }
 
-    pub(super) async fn job(self: &Arc<Self>, name: &str) -> Result<Value, AgentError> {
+    pub(super) async fn job(
+        self: &Arc<Self>,
+        name: &str,
+    ) -> Result<Option<api::JobInfo>, AgentError> {
         let dom = self.lookup(name)?;
         let job = dom.state.lock().await.job.clone();
         match job {
             Some(j) => {
                 j.refresh_bytes().await;
-                Ok(j.to_json())
+                Ok(Some(super::job_info(&j)))
             }
-            None => Ok(Value::Null),
+            None => Ok(None),
         }
     }
 
-    pub(super) async fn abort(self: &Arc<Self>, name: &str) -> Result<Value, AgentError> {
+    pub(super) async fn abort(self: &Arc<Self>, name: &str) -> Result<api::Aborting, AgentError> {
         let dom = self.lookup(name)?;
         let st = dom.state.lock().await;
         let Some(job) = &st.job else {
@@ -298,6 +301,41 @@ impl Agent {
             )));
         }
         job.cancel.cancel();
-        Ok(json!({"name": dom.name, "phase": job.phase().as_str(), "aborting": true}))
+        Ok(api::Aborting {
+            name: dom.name.clone(),
+            phase: job.phase().as_str().to_string(),
+            aborting: true,
+        })
+    }
+}
+
+/// The engine's report as the `migrate` call answers it.
+fn migrated(r: engine::Report) -> api::Migrated {
+    let side = |s: engine::SideReport| api::InstanceSide {
+        domid: s.domid,
+        pid: s.pid,
+        emulator: s.emulator,
+        qemu_version: s.qemu_version,
+    };
+    let p = r.phases_ms;
+    api::Migrated {
+        result: api::MigrateResult::Success,
+        name: r.name,
+        stats: api::MigrationStats {
+            from: side(r.from),
+            to: side(r.to),
+            phases_ms: api::PhasesMs {
+                begin: p.begin,
+                prepare: p.prepare,
+                perform: p.perform,
+                finish: p.finish,
+                confirm: p.confirm,
+            },
+            qemu_downtime_ms: r.qemu_downtime_ms,
+            qemu_total_ms: r.qemu_total_ms,
+            bytes_sent: r.bytes_sent,
+            completion_to_cont_us: r.completion_to_cont_us,
+            total_ms: r.total_ms,
+        },
     }
 }

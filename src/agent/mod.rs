@@ -81,6 +81,9 @@ pub enum AgentError {
     },
     #[error("another qlive agent is running (lock {0} is held)")]
     AlreadyRunning(PathBuf),
+    /// A result that JSON cannot carry (a path that is not UTF-8).
+    #[error("encoding the answer")]
+    Encode(#[source] serde_json::Error),
 }
 
 impl AgentError {
@@ -470,6 +473,23 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&agent.cfg.socket);
     }
     Ok(())
+}
+
+/// The API's view of a migration job (`job`, `info.job`).
+pub(crate) fn job_info(j: &crate::migration::job::Job) -> crate::api::JobInfo {
+    crate::api::JobInfo {
+        kind: j.kind.to_string(),
+        phase: j.phase().as_str().to_string(),
+        elapsed_ms: j.started.elapsed().as_millis() as u64,
+        started_at: j.started_at,
+        bytes: j.bytes(),
+        past_switchover: j.past_switchover(),
+        target: j.target().map(|t| crate::api::JobTarget {
+            domid: t.domid,
+            pid: t.pid,
+            emulator: t.emulator,
+        }),
+    }
 }
 
 pub(crate) fn path_str(p: &Path) -> String {

@@ -1,7 +1,8 @@
-//! Request handlers: one function per API operation.
+//! Request handlers: one function per API operation, each returning its
+//! result type from `api` (encoded to JSON by [`Agent::handle`]).
 
 use super::{path_str, Agent, AgentError, Domain, Run};
-use crate::api::Request;
+use crate::api::{self, Request};
 use crate::domain::definition::Accel;
 use crate::domain::{Definition, DefinitionError};
 use crate::error::chain as error_chain;
@@ -9,7 +10,7 @@ use crate::instance::cmdline::{EffectiveAccel, StartMode};
 use crate::instance::memory::GuestRam;
 use crate::instance::paths::InstancePaths;
 use crate::instance::{self, Instance, SpawnSpec};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,34 +18,36 @@ use crate::api::{DEFAULT_MIGRATE_TIMEOUT_S, DEFAULT_STOP_TIMEOUT_S};
 const DESTROY_GRACE: Duration = Duration::from_secs(5);
 
 impl Agent {
+    /// Run one request; its result as it goes on the wire.
     pub async fn handle(self: &Arc<Self>, req: Request) -> Result<Value, AgentError> {
         match req {
-            Request::Ping {} => Ok(json!({"version": env!("CARGO_PKG_VERSION")})),
-            Request::Define { definition } => self.define(&definition).await,
-            Request::Undefine { name } => self.undefine(&name).await,
-            Request::Start { name } => self.start(&name).await,
+            Request::Ping {} => answer(&api::Pong {
+                version: env!("CARGO_PKG_VERSION").into(),
+            }),
+            Request::Define { definition } => answer(&self.define(&definition).await?),
+            Request::Undefine { name } => answer(&self.undefine(&name).await?),
+            Request::Start { name } => answer(&self.start(&name).await?),
             Request::Stop { name, timeout_s } => {
-                self.stop(
-                    &name,
-                    Duration::from_secs(timeout_s.unwrap_or(DEFAULT_STOP_TIMEOUT_S)),
-                )
-                .await
+                let timeout = Duration::from_secs(timeout_s.unwrap_or(DEFAULT_STOP_TIMEOUT_S));
+                answer(&self.stop(&name, timeout).await?)
             }
-            Request::Destroy { name } => self.destroy(&name).await,
-            Request::List {} => self.list().await,
-            Request::Info { name } => self.info(&name).await,
+            Request::Destroy { name } => answer(&self.destroy(&name).await?),
+            Request::List {} => answer(&self.list().await?),
+            Request::Info { name } => answer(&self.info(&name).await?),
             Request::Migrate {
                 name,
                 emulator,
                 timeout_s,
             } => {
                 let timeout = Duration::from_secs(timeout_s.unwrap_or(DEFAULT_MIGRATE_TIMEOUT_S));
-                self.migrate(&name, emulator, timeout).await
+                answer(&self.migrate(&name, emulator, timeout).await?)
             }
-            Request::Job { name } => self.job(&name).await,
-            Request::Abort { name } => self.abort(&name).await,
-            Request::Stale {} => self.stale().await,
-            Request::Preflight { name, emulator } => self.preflight_op(&name, emulator).await,
+            Request::Job { name } => answer(&self.job(&name).await?),
+            Request::Abort { name } => answer(&self.abort(&name).await?),
+            Request::Stale {} => answer(&self.stale().await?),
+            Request::Preflight { name, emulator } => {
+                answer(&self.preflight_op(&name, emulator).await?)
+            }
             // Streaming; handled by the server before it gets here.
             Request::Console { .. } => Err(AgentError::InvalidState(
                 "console is a streaming call".into(),
@@ -52,7 +55,7 @@ impl Agent {
         }
     }
 
-    async fn define(self: &Arc<Self>, v: &Value) -> Result<Value, AgentError> {
+    async fn define(self: &Arc<Self>, v: &Value) -> Result<api::Defined, AgentError> {
         let mut def = Definition::from_value(v)?;
         // The emulator must exist now; it is checked again at every start.
         crate::instance::probe::check_executable(&def.emulator).map_err(|e| {
@@ -87,10 +90,13 @@ impl Agent {
         drop(table);
         dom.follow_console(&self.console_log(&def.name));
         tracing::info!(domain = %def.name, %uuid, %mcs, "defined");
-        Ok(json!({"name": def.name, "uuid": uuid}))
+        Ok(api::Defined {
+            name: def.name,
+            uuid,
+        })
     }
 
-    async fn undefine(self: &Arc<Self>, name: &str) -> Result<Value, AgentError> {
+    async fn undefine(self: &Arc<Self>, name: &str) -> Result<api::Undefined, AgentError> {
         let dom = self.lookup(name)?;
         let mut st = dom.state.lock().await;
         if st.removed {
@@ -130,10 +136,12 @@ impl Agent {
             &dom.name,
         ));
         tracing::info!(domain = %dom.name, "undefined");
-        Ok(json!({"name": dom.name}))
+        Ok(api::Undefined {
+            name: dom.name.clone(),
+        })
     }
 
-    async fn start(self: &Arc<Self>, name: &str) -> Result<Value, AgentError> {
+    async fn start(self: &Arc<Self>, name: &str) -> Result<api::Started, AgentError> {
         let dom = self.lookup(name)?;
         let mut st = dom.state.lock().await;
         if st.removed {
@@ -263,13 +271,13 @@ impl Agent {
         tracing::info!(domain = %dom.name, domid = inst.domid(), pid = inst.pid(),
             qemu = %inst.record.qemu_version, %machine, accel = accel.as_str(),
             ms = t0.elapsed().as_millis() as u64, "started");
-        Ok(json!({
-            "name": dom.name,
-            "domid": inst.domid(),
-            "pid": inst.pid(),
-            "machine": machine,
-            "accel": accel.as_str(),
-        }))
+        Ok(api::Started {
+            name: dom.name.clone(),
+            domid: inst.domid(),
+            pid: inst.pid(),
+            machine,
+            accel: accel.as_str().into(),
+        })
     }
 
     /// Notice the instance's exit (pidfd), whoever caused it, and record
@@ -330,7 +338,11 @@ impl Agent {
         }
     }
 
-    async fn stop(self: &Arc<Self>, name: &str, timeout: Duration) -> Result<Value, AgentError> {
+    async fn stop(
+        self: &Arc<Self>,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<api::Stopped, AgentError> {
         let dom = self.lookup(name)?;
         let inst = {
             let st = dom.state.lock().await;
@@ -386,10 +398,13 @@ impl Agent {
         } else {
             self.finish_instance(&dom, inst.domid(), reason).await;
         }
-        Ok(json!({"name": dom.name, "forced": forced}))
+        Ok(api::Stopped {
+            name: dom.name.clone(),
+            forced,
+        })
     }
 
-    async fn destroy(self: &Arc<Self>, name: &str) -> Result<Value, AgentError> {
+    async fn destroy(self: &Arc<Self>, name: &str) -> Result<api::Destroyed, AgentError> {
         let dom = self.lookup(name)?;
         let inst = {
             let mut st = dom.state.lock().await;
@@ -413,7 +428,9 @@ impl Agent {
                     st.run = Run::ShutOff {
                         reason: "destroyed after a crash during migration".into(),
                     };
-                    return Ok(json!({"name": dom.name}));
+                    return Ok(api::Destroyed {
+                        name: dom.name.clone(),
+                    });
                 }
                 Run::Unreachable { record, .. } => {
                     let record = record.clone();
@@ -428,7 +445,9 @@ impl Agent {
                     st.run = Run::ShutOff {
                         reason: "destroyed".into(),
                     };
-                    return Ok(json!({"name": dom.name}));
+                    return Ok(api::Destroyed {
+                        name: dom.name.clone(),
+                    });
                 }
                 Run::ShutOff { .. } => {
                     return Err(AgentError::InvalidState(format!(
@@ -441,7 +460,9 @@ impl Agent {
 
         self.terminate_and_finish(&dom, &inst, "destroyed".into())
             .await?;
-        Ok(json!({"name": dom.name}))
+        Ok(api::Destroyed {
+            name: dom.name.clone(),
+        })
     }
 
     /// End `inst` (quit, SIGKILL after the grace) and record it ended.
@@ -463,7 +484,7 @@ impl Agent {
 
     /// Per running domain: is its QEMU stale, and why (procfs; see
     /// `upgrade::stale`).
-    async fn stale(self: &Arc<Self>) -> Result<Value, AgentError> {
+    async fn stale(self: &Arc<Self>) -> Result<Vec<api::StaleEntry>, AgentError> {
         let mut out = Vec::new();
         let doms = self.table().list();
         for d in doms {
@@ -476,21 +497,28 @@ impl Agent {
                 Ok(r) => (!r.is_empty(), r, None),
                 Err(e) => (false, vec![], Some(error_chain(&e))),
             };
-            out.push(json!({
-                "name": d.name,
-                "domid": rec.domid,
-                "pid": rec.process.pid,
-                "emulator": rec.emulator,
-                "qemu_version": rec.qemu_version.to_string(),
-                "stale": stale,
-                "reasons": reasons.iter().map(|r| json!({"kind": r.kind, "path": r.path, "text": r.to_string()})).collect::<Vec<_>>(),
-                "error": error,
-            }));
+            out.push(api::StaleEntry {
+                name: d.name.clone(),
+                domid: rec.domid,
+                pid: rec.process.pid,
+                emulator: rec.emulator,
+                qemu_version: rec.qemu_version.to_string(),
+                stale,
+                reasons: reasons
+                    .iter()
+                    .map(|r| api::StaleReasonInfo {
+                        kind: r.kind.as_str().into(),
+                        path: r.path.clone(),
+                        text: r.to_string(),
+                    })
+                    .collect(),
+                error,
+            });
         }
-        Ok(Value::Array(out))
+        Ok(out)
     }
 
-    async fn list(self: &Arc<Self>) -> Result<Value, AgentError> {
+    async fn list(self: &Arc<Self>) -> Result<Vec<api::ListEntry>, AgentError> {
         let doms = self.table().list();
         let mut out = Vec::with_capacity(doms.len());
         for d in doms {
@@ -505,78 +533,106 @@ impl Agent {
                     record.as_ref().map(|r| r.process.pid),
                 ),
             };
-            out.push(
-                json!({"name": d.name, "uuid": d.uuid, "state": state, "domid": domid, "pid": pid}),
-            );
+            out.push(api::ListEntry {
+                name: d.name.clone(),
+                uuid: d.uuid,
+                state,
+                domid,
+                pid,
+            });
         }
-        Ok(Value::Array(out))
+        Ok(out)
     }
 
-    async fn info(self: &Arc<Self>, name: &str) -> Result<Value, AgentError> {
+    async fn info(self: &Arc<Self>, name: &str) -> Result<api::DomainInfo, AgentError> {
         let dom = self.lookup(name)?;
         let st = dom.state.lock().await;
         let def = &st.def;
-        let mut v = json!({
-            "name": dom.name,
-            "uuid": dom.uuid,
-            "emulator": def.emulator,
-            "machine": def.machine,
-            "accel": def.accel,
-            "vcpus": def.vcpus,
-            "memory_mib": def.memory_mib,
-            "disks": def.disks,
-            "nics": def.nics,
-            "selinux": {
-                "mcs": self.mcs.lock().unwrap_or_else(|e| e.into_inner()).get(&dom.name).map(|p| p.to_string()),
-                "applied": crate::instance::selinux::enabled(),
+        let console_log = self.console_log(&dom.name);
+        let mut v = api::DomainInfo {
+            name: dom.name.clone(),
+            uuid: dom.uuid,
+            state: "shut-off".into(),
+            reason: None,
+            domid: None,
+            pid: None,
+            emulator: def.emulator.clone(),
+            qemu_version: None,
+            machine: def.machine.clone(),
+            accel: def.accel.as_str().into(),
+            vcpus: def.vcpus,
+            memory_mib: def.memory_mib,
+            disks: def
+                .disks
+                .iter()
+                .map(|d| api::DiskInfo {
+                    path: d.path.clone(),
+                    format: d.format.as_str().into(),
+                    readonly: d.readonly,
+                    cache: d.cache.as_str().into(),
+                    aio: d.aio.as_str().into(),
+                })
+                .collect(),
+            nics: def
+                .nics
+                .iter()
+                .map(|n| api::NicInfo {
+                    mac: n.mac.clone(),
+                    tap: n.tap.clone(),
+                    bridge: n.bridge.clone(),
+                })
+                .collect(),
+            selinux: api::SelinuxInfo {
+                mcs: self
+                    .mcs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&dom.name)
+                    .map(|p| p.to_string()),
+                applied: crate::instance::selinux::enabled(),
             },
-            "console_log": self.console_log(&dom.name),
-            "job": st.job.as_ref().map(|j| j.to_json()),
-        });
+            console_log: console_log.clone(),
+            job: st.job.as_deref().map(super::job_info),
+            paths: None,
+            running: None,
+        };
         match &st.run {
             Run::Running(i) => {
                 let r = &i.record;
-                v["state"] = json!(run_state(i).await);
-                v["reason"] = Value::Null;
-                v["domid"] = json!(r.domid);
-                v["pid"] = json!(r.process.pid);
-                v["emulator"] = json!(r.emulator);
-                v["exe"] = json!(r.process.exe);
-                v["qemu_version"] = json!(r.qemu_version.to_string());
-                v["qemu_package"] = json!(r.qemu_version.package);
-                v["machine"] = json!(r.machine);
-                v["accel"] = json!(r.accel);
-                v["started_at"] = json!(r.started_at);
-                v["user"] = json!(r.user);
-                v["paths"] = json!({
-                    "dir": r.paths.dir, "qmp": r.paths.qmp,
-                    "console": self.console_log(&dom.name),
-                    "pid": r.paths.pid, "log": r.paths.log,
+                v.state = run_state(i).await;
+                v.domid = Some(r.domid);
+                v.pid = Some(r.process.pid);
+                v.emulator = r.emulator.clone();
+                v.qemu_version = Some(r.qemu_version.to_string());
+                v.machine = r.machine.clone();
+                v.accel = r.accel.as_str().into();
+                v.paths = Some(api::InfoPaths {
+                    dir: r.paths.dir.clone(),
+                    qmp: r.paths.qmp.clone(),
+                    pid: r.paths.pid.clone(),
+                    log: r.paths.log.clone(),
+                    console: console_log,
+                });
+                v.running = Some(api::RunningInfo {
+                    exe: r.process.exe.clone(),
+                    qemu_package: r.qemu_version.package.clone(),
+                    started_at: r.started_at,
+                    user: r.user.clone(),
                 });
             }
             Run::Unreachable { record, reason } => {
-                v["state"] = json!("unreachable");
-                v["reason"] = json!(reason);
-                v["domid"] = json!(record.as_ref().map(|r| r.domid));
-                v["pid"] = json!(record.as_ref().map(|r| r.process.pid));
-                v["qemu_version"] = json!(record.as_ref().map(|r| r.qemu_version.to_string()));
-                v["paths"] = Value::Null;
+                v.state = "unreachable".into();
+                v.reason = Some(reason.clone());
+                v.domid = record.as_ref().map(|r| r.domid);
+                v.pid = record.as_ref().map(|r| r.process.pid);
+                v.qemu_version = record.as_ref().map(|r| r.qemu_version.to_string());
             }
             Run::Crashed { reason } => {
-                v["state"] = json!("crashed");
-                v["reason"] = json!(reason);
-                v["domid"] = Value::Null;
-                v["pid"] = Value::Null;
-                v["qemu_version"] = Value::Null;
-                v["paths"] = Value::Null;
+                v.state = "crashed".into();
+                v.reason = Some(reason.clone());
             }
             Run::ShutOff { reason } => {
-                v["state"] = json!("shut-off");
-                v["reason"] = json!(reason);
-                v["domid"] = Value::Null;
-                v["pid"] = Value::Null;
-                v["qemu_version"] = Value::Null;
-                v["paths"] = Value::Null;
+                v.reason = Some(reason.clone());
             }
         }
         Ok(v)
@@ -599,6 +655,11 @@ impl Agent {
             }
         }
     }
+}
+
+/// A result as it goes on the wire.
+fn answer<T: serde::Serialize>(result: &T) -> Result<Value, AgentError> {
+    api::encode(result).map_err(AgentError::Encode)
 }
 
 /// `running`, `paused`, ... from QEMU; `unknown` if QMP does not answer.

@@ -200,11 +200,11 @@ async fn connection(agent: Arc<Agent>, stream: UnixStream) -> std::io::Result<()
             // Streaming call: answer, then hand the connection over.
             match agent.console_subscribe(name).await {
                 Ok(rx) => {
-                    write_response(
-                        &mut w,
-                        &Response::ok(serde_json::json!({"streaming": true})),
-                    )
-                    .await?;
+                    let answer = Response::answer(&api::Streaming { streaming: true });
+                    write_response(&mut w, &answer).await?;
+                    if !answer.ok {
+                        continue;
+                    }
                     return stream_console(rx, w).await;
                 }
                 Err(e) => {

@@ -1,6 +1,7 @@
 //! Client side of the API socket, used by the CLI and by tests.
 
 use super::{ApiError, ErrorKind, Request, Response};
+use serde::de::DeserializeOwned;
 use std::io;
 use std::path::Path;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -71,6 +72,13 @@ impl Client {
         Ok(resp.into_result()?)
     }
 
+    /// [`call`](Self::call), its result decoded into `T` (the request's
+    /// result type in [`super::types`]).
+    pub async fn call_as<T: DeserializeOwned>(&mut self, req: &Request) -> Result<T, ClientError> {
+        let v = self.call(req).await?;
+        decode_result(req, v)
+    }
+
     /// After a successful `console` call: the raw stream.
     pub fn into_stream(self) -> BufReader<UnixStream> {
         self.stream
@@ -80,4 +88,19 @@ impl Client {
 /// One-shot call on a fresh connection.
 pub async fn call(path: &Path, req: &Request) -> Result<serde_json::Value, ClientError> {
     Client::connect(path).await?.call(req).await
+}
+
+/// One-shot call on a fresh connection, its result decoded into `T`.
+pub async fn call_as<T: DeserializeOwned>(path: &Path, req: &Request) -> Result<T, ClientError> {
+    Client::connect(path).await?.call_as(req).await
+}
+
+/// The result of `req` read into its type; a result of another shape is
+/// [`ClientError::BadAnswer`].
+pub fn decode_result<T: DeserializeOwned>(
+    req: &Request,
+    result: serde_json::Value,
+) -> Result<T, ClientError> {
+    super::types::decode(result)
+        .map_err(|e| ClientError::BadAnswer(format!("{} result: {e}", req.op())))
 }

@@ -4,9 +4,13 @@
 //! per request. `console` is the one streaming call: after its `ok` response
 //! line the connection carries the domain's raw console bytes until either
 //! side closes it. Every operation and when it is allowed is documented on
-//! [`Request`] and in `docs/protocol.md`.
+//! [`Request`] and in `docs/protocol.md`; the result of each operation has
+//! its type in [`types`] (re-exported here), shared by agent and client.
 
 pub mod client;
+pub mod types;
+
+pub use types::*;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -148,6 +152,18 @@ impl Response {
             ok: true,
             result: Some(result),
             error: None,
+        }
+    }
+
+    /// A success carrying `result`, encoded ([`types::encode`]); an
+    /// `internal` error if it cannot be.
+    pub fn answer<T: Serialize>(result: &T) -> Response {
+        match types::encode(result) {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::err(ApiError::new(
+                ErrorKind::Internal,
+                format!("encoding the answer: {e}"),
+            )),
         }
     }
 

@@ -1,16 +1,18 @@
 //! The `qlive` command line: `qlive agent` runs the daemon, every other
-//! subcommand is a client of its API socket.
+//! subcommand is a client of its API socket. The daemon is entered through
+//! `agent::run` alone; everything else goes through `api` (see the layering
+//! in docs/architecture.md, checked by tests/layering.rs).
 //!
 //! Exit codes: 0 success; 1 the operation failed (the agent said why);
 //! 2 usage error or the agent could not be reached.
 
 mod output;
 
-use crate::agent;
 use crate::api::client::{self, Client, ClientError};
 use crate::api::Request;
 use crate::config::{self, Config};
 use clap::{Parser, Subcommand};
+use output::Show;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser, Debug)]
@@ -159,7 +161,7 @@ pub async fn run(cli: Cli) -> i32 {
                 idle_timeout: std::time::Duration::from_secs(idle_timeout_s.max(1)),
                 qemu_user: qemu_user.filter(|u| !u.is_empty()),
             };
-            match agent::run(cfg).await {
+            match crate::agent::run(cfg).await {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("qlive agent: {e:#}");
@@ -189,26 +191,24 @@ pub async fn run(cli: Cli) -> i32 {
             crate::upgrade::run::run(&cli.socket, opts).await
         }
         cmd => {
-            let (req, print): (Request, fn(&serde_json::Value)) = match cmd {
+            let (req, show): (Request, Show) = match cmd {
                 Command::Define { file } => match read_definition(&file) {
-                    Ok(definition) => (Request::Define { definition }, output::defined),
+                    Ok(definition) => (Request::Define { definition }, Show::Defined),
                     Err(e) => {
                         eprintln!("qlive: {e}");
                         return 2;
                     }
                 },
-                Command::Undefine { name } => {
-                    (Request::Undefine { name }, output::done("undefined"))
-                }
-                Command::Start { name } => (Request::Start { name }, output::started),
+                Command::Undefine { name } => (Request::Undefine { name }, Show::Undefined),
+                Command::Start { name } => (Request::Start { name }, Show::Started),
                 Command::Stop { name, timeout } => (
                     Request::Stop {
                         name,
                         timeout_s: Some(timeout),
                     },
-                    output::stopped,
+                    Show::Stopped,
                 ),
-                Command::Destroy { name } => (Request::Destroy { name }, output::done("destroyed")),
+                Command::Destroy { name } => (Request::Destroy { name }, Show::Destroyed),
                 Command::Migrate {
                     name,
                     emulator,
@@ -221,38 +221,33 @@ pub async fn run(cli: Cli) -> i32 {
                         emulator: emulator.map(|p| std::path::absolute(&p).unwrap_or(p)),
                         timeout_s: Some(timeout),
                     },
-                    if json {
-                        output::json_line
-                    } else {
-                        output::migrated
-                    },
+                    if json { Show::JsonLine } else { Show::Migrated },
                 ),
                 Command::Job { name, json } => (
                     Request::Job { name },
-                    if json { output::json } else { output::job },
+                    if json { Show::Json } else { Show::Job },
                 ),
-                Command::Abort { name } => (Request::Abort { name }, output::aborted),
+                Command::Abort { name } => (Request::Abort { name }, Show::Aborted),
                 Command::Stale { json } => (
                     Request::Stale {},
-                    if json { output::json } else { output::stale },
+                    if json { Show::Json } else { Show::Stale },
                 ),
-                Command::List { json } => (
-                    Request::List {},
-                    if json { output::json } else { output::list },
-                ),
+                Command::List { json } => {
+                    (Request::List {}, if json { Show::Json } else { Show::List })
+                }
                 Command::Info { name, json } => (
                     Request::Info { name },
-                    if json { output::json } else { output::info },
+                    if json { Show::Json } else { Show::Info },
                 ),
                 Command::Agent { .. } | Command::Console { .. } | Command::Upgrade { .. } => {
                     unreachable!("handled above")
                 }
             };
-            match client::call(&cli.socket, &req).await {
-                Ok(v) => {
-                    print(&v);
-                    0
-                }
+            match client::call(&cli.socket, &req)
+                .await
+                .and_then(|v| show.print(&req, v))
+            {
+                Ok(()) => 0,
                 Err(e) => {
                     eprintln!("qlive: {}", crate::error::chain(&e));
                     exit_code(&e)

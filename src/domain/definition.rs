@@ -89,6 +89,17 @@ pub enum Accel {
     Auto,
 }
 
+impl Accel {
+    /// The name in a definition (and in `info`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+            Accel::Auto => "auto",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DiskFormat {
@@ -119,6 +130,16 @@ pub enum DiskCache {
 }
 
 impl DiskCache {
+    /// The name in a definition (and in `info`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskCache::Writeback => "writeback",
+            DiskCache::None => "none",
+            DiskCache::Writethrough => "writethrough",
+            DiskCache::Directsync => "directsync",
+        }
+    }
+
     /// (cache.direct, guest-visible volatile write cache) as QEMU's legacy
     /// `cache=` modes map them. Flushes are always honoured (no `unsafe`).
     pub fn flags(self) -> (bool, bool) {
@@ -599,6 +620,29 @@ mod tests {
             "emulator": "/usr/bin/qemu-system-x86_64",
             "memory_mib": 256,
         })
+    }
+
+    /// `info` shows these names with `as_str`; they must be the stored ones.
+    #[test]
+    fn as_str_is_the_serialized_name() {
+        let name = |v: serde_json::Value| v.as_str().unwrap_or_default().to_string();
+        for a in [Accel::Kvm, Accel::Tcg, Accel::Auto] {
+            assert_eq!(name(serde_json::json!(a)), a.as_str());
+        }
+        for f in [DiskFormat::Raw, DiskFormat::Qcow2] {
+            assert_eq!(name(serde_json::json!(f)), f.as_str());
+        }
+        for c in [
+            DiskCache::Writeback,
+            DiskCache::None,
+            DiskCache::Writethrough,
+            DiskCache::Directsync,
+        ] {
+            assert_eq!(name(serde_json::json!(c)), c.as_str());
+        }
+        for a in [DiskAio::Threads, DiskAio::Native, DiskAio::IoUring] {
+            assert_eq!(name(serde_json::json!(a)), a.as_str());
+        }
     }
 
     fn err(v: serde_json::Value) -> String {

@@ -8,6 +8,7 @@
 
 pub mod cmdline;
 pub mod domid;
+pub mod files;
 pub mod kvm;
 pub mod memory;
 pub mod paths;
@@ -121,7 +122,7 @@ pub struct InstanceRecord {
     /// firmware from `info roms`), with their identity then: what stale
     /// detection compares against.
     #[serde(default)]
-    pub loaded: Vec<crate::upgrade::stale::FileId>,
+    pub loaded: Vec<files::FileId>,
     /// Tap names, NIC `i` at fd `FIRST_TAP_FD + i` in the process.
     #[serde(default)]
     pub taps: Vec<String>,
@@ -522,13 +523,8 @@ fn apply_labels(spec: &SpawnSpec<'_>, l: &selinux::Labels) -> Result<(), Instanc
 
 /// What the new process has loaded: mapped files now, plus the firmware
 /// ROMs QEMU read (`info roms`, resolved in its data directories).
-async fn loaded_files(
-    pid: i32,
-    qmp: &Qmp,
-    data_dirs: &[PathBuf],
-) -> Vec<crate::upgrade::stale::FileId> {
-    use crate::upgrade::stale;
-    let mut files = stale::mapped_files(pid).unwrap_or_default();
+async fn loaded_files(pid: i32, qmp: &Qmp, data_dirs: &[PathBuf]) -> Vec<files::FileId> {
+    let mut loaded = files::mapped_files(pid).unwrap_or_default();
     let roms = qmp
         .execute_raw(
             "human-monitor-command",
@@ -536,13 +532,13 @@ async fn loaded_files(
         )
         .await;
     if let Ok(serde_json::Value::String(text)) = roms {
-        for f in stale::resolve_firmware(&text, data_dirs) {
-            if !files.iter().any(|x| x.path == f.path) {
-                files.push(f);
+        for f in files::resolve_firmware(&text, data_dirs) {
+            if !loaded.iter().any(|x| x.path == f.path) {
+                loaded.push(f);
             }
         }
     }
-    files
+    loaded
 }
 
 /// Read a file QEMU wrote in its (possibly user-owned) instance

@@ -44,7 +44,6 @@ use crate::instance::probe::{EmulatorInfo, ProbeError};
 use crate::instance::process::ProcessError;
 use crate::instance::{self, Instance, InstanceError, InstanceRecord};
 use crate::qmp::{Qmp, QmpError, QmpEvent};
-use serde::Serialize;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -132,7 +131,7 @@ pub struct Request {
 }
 
 /// One side of a finished migration.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct SideReport {
     pub domid: u64,
     pub pid: i32,
@@ -152,7 +151,7 @@ impl SideReport {
 }
 
 /// Wall time per phase, in ms (null for a phase not reached).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default)]
 pub struct PhaseTimes {
     pub begin: Option<f64>,
     pub prepare: Option<f64>,
@@ -175,10 +174,9 @@ impl PhaseTimes {
     }
 }
 
-/// A successful migration, as the `migrate` call answers it.
-#[derive(Debug, Clone, Serialize)]
+/// A successful migration (the agent answers `migrate` with it).
+#[derive(Debug, Clone)]
 pub struct Report {
-    pub result: &'static str,
     pub name: String,
     pub from: SideReport,
     pub to: SideReport,
@@ -527,7 +525,6 @@ impl<H: Host> Migration<'_, H> {
             "migrated"
         );
         Report {
-            result: "success",
             name: self.host.name().to_string(),
             from: SideReport::of(&src),
             to: SideReport::of(&dst),

@@ -2,7 +2,6 @@
 //! on the domain, the phase shown by `qlive job`, the abort switch.
 
 use super::phase::PhaseName;
-use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -114,15 +113,8 @@ impl Job {
         )
     }
 
-    pub fn to_json(&self) -> Value {
-        json!({
-            "kind": self.kind,
-            "phase": self.phase().as_str(),
-            "elapsed_ms": self.started.elapsed().as_millis() as u64,
-            "started_at": self.started_at,
-            "bytes": self.bytes.load(Ordering::Relaxed),
-            "past_switchover": self.past_switchover(),
-            "target": self.target(),
-        })
+    /// QEMU's `ram.transferred` on the source, as last read.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
     }
 }

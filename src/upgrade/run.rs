@@ -10,8 +10,10 @@
 //! are unknown).
 
 use crate::api::client::{self, ClientError};
-use crate::api::Request;
-use serde_json::{json, Value};
+use crate::api::{
+    ListEntry, Migrated, Preflight, Request, StaleEntry, UpgradeLine, UpgradeOutcome,
+    UpgradeSummary, UpgradeSummaryLine,
+};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -57,60 +59,66 @@ async fn select(
         return Ok((o.names.clone(), vec![]));
     }
     if o.stale {
-        let v = client::call(socket, &Request::Stale {}).await?;
-        let doms = v.as_array().cloned().unwrap_or_default();
-        let name = |d: &Value| d["name"].as_str().unwrap_or("?").to_string();
+        let doms: Vec<StaleEntry> = client::call_as(socket, &Request::Stale {}).await?;
         let stale = doms
             .iter()
-            .filter(|d| d["stale"] == true)
-            .map(name)
+            .filter(|d| d.stale)
+            .map(|d| d.name.clone())
             .collect();
         let unchecked = doms
-            .iter()
-            .filter(|d| !d["error"].is_null())
-            .map(|d| (name(d), d["error"].as_str().unwrap_or("").to_string()))
+            .into_iter()
+            .filter_map(|d| d.error.map(|e| (d.name, e)))
             .collect();
         return Ok((stale, unchecked));
     }
     if o.all {
-        let v = client::call(socket, &Request::List {}).await?;
-        return Ok(v
-            .as_array()
+        let doms: Vec<ListEntry> = client::call_as(socket, &Request::List {}).await?;
+        let running = doms
             .into_iter()
-            .flatten()
-            .filter(|d| d["domid"].is_u64() && d["state"] != "unreachable")
-            .filter_map(|d| d["name"].as_str().map(String::from))
-            .collect::<Vec<_>>())
-        .map(|v| (v, vec![]));
+            .filter(|d| d.domid.is_some() && d.state != "unreachable")
+            .map(|d| d.name)
+            .collect();
+        return Ok((running, vec![]));
     }
     Err(UpgradeError::NothingSelected)
 }
 
+/// A line of JSON as the agent's answers are: keys sorted.
+fn json_line<T: serde::Serialize>(line: &T) -> String {
+    crate::api::encode(line)
+        .map(|v| v.to_string())
+        .unwrap_or_else(|e| {
+            let mut m = serde_json::Map::new();
+            let e = serde_json::Value::String(format!("encoding the line: {e}"));
+            m.insert("error".into(), e);
+            serde_json::Value::Object(m).to_string()
+        })
+}
+
 /// One line per finished domain.
-fn report(o: &Options, line: &Value, bar: Option<&indicatif::ProgressBar>) {
+fn report(o: &Options, line: &UpgradeLine, bar: Option<&indicatif::ProgressBar>) {
     if o.json {
-        println!("{line}");
+        println!("{}", json_line(line));
         return;
     }
-    let name = line["name"].as_str().unwrap_or("?");
-    let text = if line["result"] == "success" {
-        format!(
+    let name = &line.name;
+    let version = |v: Option<&str>| v.unwrap_or("?").to_string();
+    let text = match &line.outcome {
+        UpgradeOutcome::Success(m) => format!(
             "{name}: upgraded QEMU {} -> {} (QEMU downtime {} ms)",
-            line["from"]["qemu_version"].as_str().unwrap_or("?"),
-            line["to"]["qemu_version"].as_str().unwrap_or("?"),
-            line["qemu_downtime_ms"]
-        )
-    } else if line["result"] == "ok" {
-        format!(
+            m.from.qemu_version,
+            m.to.qemu_version,
+            m.qemu_downtime_ms
+                .map_or_else(|| "null".to_string(), |d| d.to_string())
+        ),
+        UpgradeOutcome::Ok { from, to } => format!(
             "{name}: would move QEMU {} -> {}",
-            line["from"]["qemu_version"].as_str().unwrap_or("?"),
-            line["to"]["qemu_version"].as_str().unwrap_or("?")
-        )
-    } else {
-        format!(
-            "{name}: FAILED, still running on its old QEMU: {}",
-            line["error"].as_str().unwrap_or("?")
-        )
+            version(from.qemu_version.as_deref()),
+            version(to.qemu_version.as_deref())
+        ),
+        UpgradeOutcome::Failed { error, .. } => {
+            format!("{name}: FAILED, still running on its old QEMU: {error}")
+        }
     };
     match bar {
         Some(b) => b.println(text),
@@ -172,24 +180,37 @@ async fn run_inner(socket: &Path, o: Options) -> Result<i32, UpgradeError> {
                     timeout_s: None,
                 }
             };
-            let res = client::call(&socket, &req).await;
-            let agent_lost = matches!(&res, Err(e) if e.api_kind().is_none());
-            let mut line = match res {
-                Ok(v) if dry_run && v["ok"] == true => {
-                    json!({"name": name, "result": "ok", "from": v["from"], "to": v["to"]})
-                }
-                Ok(v) if dry_run => json!({"name": name, "result": "failed", "from": v["from"],
-                    "to": v["to"], "error": v["reason"]}),
-                Ok(v) => {
-                    let mut v = v;
-                    v["name"] = json!(name);
-                    v
-                }
-                Err(e) => {
-                    json!({"name": name, "result": "failed", "error": crate::error::chain(&e)})
-                }
+            let res = if dry_run {
+                client::call_as::<Preflight>(&socket, &req)
+                    .await
+                    .map(|p| match (p.ok, p.reason) {
+                        (true, _) => UpgradeOutcome::Ok {
+                            from: p.from,
+                            to: p.to,
+                        },
+                        (false, reason) => UpgradeOutcome::Failed {
+                            from: Some(p.from),
+                            to: Some(p.to),
+                            error: reason.unwrap_or_else(|| "the preflight failed".into()),
+                        },
+                    })
+            } else {
+                client::call_as::<Migrated>(&socket, &req)
+                    .await
+                    .map(|m| UpgradeOutcome::Success(m.stats))
             };
-            line["wall_ms"] = json!(t.elapsed().as_millis() as u64);
+            // No answer, or none we can read: the outcome is unknown.
+            let agent_lost = matches!(&res, Err(e) if e.api_kind().is_none());
+            let outcome = res.unwrap_or_else(|e| UpgradeOutcome::Failed {
+                from: None,
+                to: None,
+                error: crate::error::chain(&e),
+            });
+            let line = UpgradeLine {
+                name,
+                outcome,
+                wall_ms: Some(t.elapsed().as_millis() as u64),
+            };
             (line, agent_lost)
         });
     }
@@ -200,12 +221,20 @@ async fn run_inner(socket: &Path, o: Options) -> Result<i32, UpgradeError> {
                 agent_lost |= lost;
                 l
             }
-            Err(e) => json!({"name": "?", "result": "failed", "error": e.to_string()}),
+            Err(e) => UpgradeLine {
+                name: "?".into(),
+                outcome: UpgradeOutcome::Failed {
+                    from: None,
+                    to: None,
+                    error: e.to_string(),
+                },
+                wall_ms: None,
+            },
         };
-        if line["result"] == "success" || line["result"] == "ok" {
+        if line.outcome.succeeded() {
             ok += 1;
         } else {
-            failed.push(line["name"].as_str().unwrap_or("?").to_string());
+            failed.push(line.name.clone());
         }
         report(&o, &line, bar.as_ref());
         if let Some(b) = &bar {
@@ -225,12 +254,19 @@ async fn run_inner(socket: &Path, o: Options) -> Result<i32, UpgradeError> {
         "upgraded"
     };
     if o.json {
-        println!(
-            "{}",
-            json!({"summary": {"selected": total, "succeeded": ok, "failed": failed.len(),
-                "failed_domains": failed, "dry_run": o.dry_run, "parallel": o.parallel, "wall_ms": wall_ms,
-                "unchecked": unchecked.iter().map(|u| &u.0).collect::<Vec<_>>()}})
-        );
+        let summary = UpgradeSummaryLine {
+            summary: UpgradeSummary {
+                selected: total,
+                succeeded: ok,
+                failed: failed.len(),
+                failed_domains: failed.clone(),
+                unchecked: unchecked.iter().map(|u| u.0.clone()).collect(),
+                dry_run: o.dry_run,
+                parallel: o.parallel,
+                wall_ms,
+            },
+        };
+        println!("{}", json_line(&summary));
     } else if failed.is_empty() {
         println!("{ok}/{total} {verb} in {wall_ms} ms");
     } else {

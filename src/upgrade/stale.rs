@@ -9,12 +9,11 @@
 //! A package upgrade replaces files by rename, so the old inode shows as
 //! `(deleted)` in `/proc/PID/exe` and `/proc/PID/maps`.
 
+use crate::instance::files::{mtime_ns, FileId, DELETED};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-
-const DELETED: &str = " (deleted)";
+use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StaleError {
@@ -45,6 +44,31 @@ pub struct StaleReason {
     pub path: PathBuf,
 }
 
+impl StaleKind {
+    /// The name on the wire (`stale` results), as serialized.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StaleKind::ExeDeleted => "exe-deleted",
+            StaleKind::ExeReplaced => "exe-replaced",
+            StaleKind::LibraryDeleted => "library-deleted",
+            StaleKind::LibraryReplaced => "library-replaced",
+            StaleKind::LibraryModified => "library-modified",
+            StaleKind::FirmwareDeleted => "firmware-deleted",
+            StaleKind::FirmwareReplaced => "firmware-replaced",
+        }
+    }
+
+    pub const ALL: [StaleKind; 7] = [
+        StaleKind::ExeDeleted,
+        StaleKind::ExeReplaced,
+        StaleKind::LibraryDeleted,
+        StaleKind::LibraryReplaced,
+        StaleKind::LibraryModified,
+        StaleKind::FirmwareDeleted,
+        StaleKind::FirmwareReplaced,
+    ];
+}
+
 impl std::fmt::Display for StaleReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let what = match self.kind {
@@ -58,51 +82,6 @@ impl std::fmt::Display for StaleReason {
         };
         write!(f, "{what}: {}", self.path.display())
     }
-}
-
-/// Identity of a file as it was when an instance loaded it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileId {
-    pub path: PathBuf,
-    pub dev: u64,
-    pub ino: u64,
-    pub mtime_ns: i64,
-}
-
-impl FileId {
-    pub fn of(path: &Path) -> std::io::Result<FileId> {
-        let m = std::fs::metadata(path)?;
-        Ok(FileId {
-            path: path.to_path_buf(),
-            dev: m.dev(),
-            ino: m.ino(),
-            mtime_ns: mtime_ns(&m),
-        })
-    }
-}
-
-fn mtime_ns(m: &std::fs::Metadata) -> i64 {
-    m.mtime() * 1_000_000_000 + m.mtime_nsec()
-}
-
-/// Identities of the files `pid` maps now (recorded at instance start, so a
-/// later in-place modification is seen without trusting any clock).
-pub fn mapped_files(pid: i32) -> Result<Vec<FileId>, StaleError> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|source| {
-        StaleError::Proc {
-            pid,
-            what: "maps",
-            source,
-        }
-    })?;
-    let mut seen = BTreeSet::new();
-    Ok(maps
-        .lines()
-        .filter_map(|l| l.splitn(6, char::is_whitespace).nth(5).map(str::trim_start))
-        .filter(|p| p.starts_with('/') && !p.starts_with("/dev/") && !p.ends_with(DELETED))
-        .filter(|p| seen.insert(p.to_string()))
-        .filter_map(|p| FileId::of(Path::new(p)).ok())
-        .collect())
 }
 
 /// Why process `pid` is stale (empty: it runs what is on disk now).
@@ -221,29 +200,19 @@ pub fn check(pid: i32, recorded: &[FileId]) -> Result<Vec<StaleReason>, StaleErr
     Ok(out.into_iter().collect())
 }
 
-/// Firmware names from `info roms` that are plain files (no path), resolved
-/// to the first data directory holding them (QEMU's own search order).
-pub fn resolve_firmware(info_roms: &str, data_dirs: &[PathBuf]) -> Vec<FileId> {
-    let mut names = BTreeSet::new();
-    for line in info_roms.lines() {
-        if let Some(rest) = line.split("name=\"").nth(1) {
-            let name = rest.trim_end().trim_end_matches('"');
-            if !name.is_empty() && !name.contains('/') && !name.contains(' ') {
-                names.insert(name.to_string());
-            }
-        }
-    }
-    names
-        .into_iter()
-        .filter_map(|n| data_dirs.iter().map(|d| d.join(&n)).find(|p| p.is_file()))
-        .filter_map(|p| FileId::of(&p).ok())
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::instance::files::{mapped_files, resolve_firmware};
+    use std::path::Path;
     use std::process::{Child, Command};
+
+    #[test]
+    fn kind_names_are_the_serialized_ones() {
+        for k in StaleKind::ALL {
+            assert_eq!(serde_json::json!(k), serde_json::json!(k.as_str()));
+        }
+    }
 
     struct Kill(Child);
     impl Drop for Kill {
