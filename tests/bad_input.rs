@@ -252,3 +252,34 @@ fn corrupt_stored_definition_is_refused_and_untouched() {
         .ends_with("\"name\":"));
     assert_eq!(std::fs::read_to_string(&newer).unwrap(), newer_doc);
 }
+
+/// A timeout too large to add to a clock is refused before anything
+/// starts; the guest and its instance are untouched.
+#[test]
+fn a_huge_timeout_is_refused_before_the_migration_starts() {
+    let rig = Rig::new();
+    rig.define_guest("t", 128, json!({}));
+    rig.ok(&["start", "t"]);
+    let before = rig.info("t");
+    for op in [
+        json!({"op": "migrate", "name": "t", "timeout_s": u64::MAX}),
+        json!({"op": "stop", "name": "t", "timeout_s": u64::MAX}),
+    ] {
+        let err = rig.try_call(&op).expect_err("refused");
+        assert_eq!(err["kind"], "bad-request", "{err}");
+        assert!(
+            err["message"].as_str().unwrap_or("").contains("timeout_s"),
+            "{err}"
+        );
+    }
+    let after = rig.info("t");
+    assert_eq!(after["state"], "running");
+    assert_eq!(after["pid"], before["pid"]);
+    assert_eq!(after["job"], serde_json::Value::Null);
+    assert_eq!(
+        Rig::ls(&rig.run.join("domains/t")).len(),
+        2,
+        "one instance dir and status.json"
+    );
+    rig.ok(&["destroy", "t"]);
+}

@@ -115,6 +115,12 @@ impl Host for DomainHost {
         if matches!(&st.run, Run::Running(cur) if cur.domid() == inst.domid()) {
             return;
         }
+        // A dead instance is not brought back: its exit watcher (or the
+        // caller) records why it ended.
+        if inst.pidfd.exited() {
+            tracing::warn!(domain = %self.dom.name, domid = inst.domid(), "not committing an instance that exited");
+            return;
+        }
         if let Err(e) = self.agent.write_status(&self.dom.name, &inst.record) {
             tracing::error!(domain = %self.dom.name, "writing the status file: {}", crate::error::chain(&e));
         }
@@ -141,6 +147,14 @@ impl Host for DomainHost {
     async fn crashed(&self, reason: String) {
         self.agent.remove_status(&self.dom.name);
         self.dom.state.lock().await.run = Run::Crashed { reason };
+    }
+
+    async fn unreachable(&self, record: crate::instance::InstanceRecord, reason: String) {
+        tracing::error!(domain = %self.dom.name, %reason, "left alone");
+        self.dom.state.lock().await.run = Run::Unreachable {
+            record: Some(Box::new(record)),
+            reason,
+        };
     }
 
     async fn definition(&self) -> Definition {
@@ -252,10 +266,25 @@ impl Agent {
             timeout,
             started,
         };
+        let src_record = req.src.record.clone();
         let handle = tokio::spawn(async move { engine::migrate(&host, req).await });
         let res = handle.await;
         // Whatever happened, the job is over (a test pause never gets here).
-        dom.state.lock().await.job = None;
+        let mut st = dom.state.lock().await;
+        st.job = None;
+        if let Err(e) = &res {
+            // The engine itself failed (a bug): which instance runs the guest
+            // is not known. Leave it to recovery at the next agent start,
+            // with the job file kept, and touch nothing.
+            tracing::error!(domain = %dom.name, "migration task failed: {e}; the domain is left unreachable");
+            st.run = Run::Unreachable {
+                record: Some(Box::new(src_record)),
+                reason: format!(
+                    "the migration task failed ({e}); restart the agent to recover the migration"
+                ),
+            };
+        }
+        drop(st);
         match res {
             Ok(Ok(report)) => Ok(migrated(report)),
             Ok(Err(source)) => Err(AgentError::Migration {

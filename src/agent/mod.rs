@@ -364,20 +364,26 @@ impl Agent {
     /// One line for systemd's STATUS= and the startup log.
     pub async fn summary(&self) -> String {
         let doms = self.table().list();
-        let (mut running, mut jobs) = (0, 0);
+        let (mut running, mut jobs, mut crashed) = (0, 0, 0);
         for d in &doms {
             let st = d.state.lock().await;
-            if matches!(st.run, Run::Running(_)) {
-                running += 1;
+            match st.run {
+                Run::Running(_) => running += 1,
+                Run::Crashed { .. } => crashed += 1,
+                Run::ShutOff { .. } | Run::Unreachable { .. } => {}
             }
             if st.job.is_some() {
                 jobs += 1;
             }
         }
-        format!(
+        let mut line = format!(
             "{} domains, {running} running, {jobs} migrating",
             doms.len()
-        )
+        );
+        if crashed > 0 {
+            line.push_str(&format!(", {crashed} crashed (see qlive list)"));
+        }
+        line
     }
 }
 

@@ -17,6 +17,19 @@ use std::time::Duration;
 use crate::api::{DEFAULT_MIGRATE_TIMEOUT_S, DEFAULT_STOP_TIMEOUT_S};
 const DESTROY_GRACE: Duration = Duration::from_secs(5);
 
+/// A request's `timeout_s`, its default when absent; over
+/// [`api::MAX_TIMEOUT_S`] it is refused before anything starts.
+fn bounded_timeout(timeout_s: Option<u64>, default: u64) -> Result<u64, AgentError> {
+    match timeout_s {
+        None => Ok(default),
+        Some(t) if t <= api::MAX_TIMEOUT_S => Ok(t),
+        Some(t) => Err(AgentError::BadRequest(format!(
+            "timeout_s {t} is over the limit of {} s",
+            api::MAX_TIMEOUT_S
+        ))),
+    }
+}
+
 impl Agent {
     /// Run one request; its result as it goes on the wire.
     pub async fn handle(self: &Arc<Self>, req: Request) -> Result<Value, AgentError> {
@@ -28,7 +41,8 @@ impl Agent {
             Request::Undefine { name } => answer(&self.undefine(&name).await?),
             Request::Start { name } => answer(&self.start(&name).await?),
             Request::Stop { name, timeout_s } => {
-                let timeout = Duration::from_secs(timeout_s.unwrap_or(DEFAULT_STOP_TIMEOUT_S));
+                let timeout =
+                    Duration::from_secs(bounded_timeout(timeout_s, DEFAULT_STOP_TIMEOUT_S)?);
                 answer(&self.stop(&name, timeout).await?)
             }
             Request::Destroy { name } => answer(&self.destroy(&name).await?),
@@ -39,7 +53,8 @@ impl Agent {
                 emulator,
                 timeout_s,
             } => {
-                let timeout = Duration::from_secs(timeout_s.unwrap_or(DEFAULT_MIGRATE_TIMEOUT_S));
+                let timeout =
+                    Duration::from_secs(bounded_timeout(timeout_s, DEFAULT_MIGRATE_TIMEOUT_S)?);
                 answer(&self.migrate(&name, emulator, timeout).await?)
             }
             Request::Job { name } => answer(&self.job(&name).await?),
@@ -423,7 +438,14 @@ impl Agent {
                     let job = crate::migration::phase::job_path(
                         &crate::instance::paths::domain_run_dir(&self.cfg.run_dir, &dom.name),
                     );
-                    let _ = crate::migration::phase::JobFile::remove(&job);
+                    // The record must go, or the next agent start marks the
+                    // domain crashed again (and sweeps a guest started since).
+                    crate::migration::phase::JobFile::remove(&job).map_err(|source| {
+                        AgentError::Io {
+                            what: format!("removing {}", job.display()),
+                            source,
+                        }
+                    })?;
                     tracing::warn!(domain = %dom.name, "crash acknowledged by destroy");
                     st.run = Run::ShutOff {
                         reason: "destroyed after a crash during migration".into(),

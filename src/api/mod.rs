@@ -23,6 +23,8 @@ pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_STOP_TIMEOUT_S: u64 = 60;
 /// `migrate`'s `timeout_s` when the request has none.
 pub const DEFAULT_MIGRATE_TIMEOUT_S: u64 = 300;
+/// The largest `timeout_s` a request may carry (a week).
+pub const MAX_TIMEOUT_S: u64 = 7 * 86400;
 
 /// Every API operation.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -34,7 +34,7 @@ use super::params::{self, Side};
 use super::phase::{job_path, JobFile, Outcome, Phase, PhaseName};
 use super::preflight::{self, PreflightError};
 use super::recovery::{self, Decision, Observed};
-use super::resolve::{self, Destination, Source};
+use super::resolve::{self, Destination, Source, Switch};
 use super::state::{Failed, State};
 use super::MigrationError;
 use crate::domain::{Definition, DefinitionError, TableError};
@@ -94,6 +94,13 @@ pub trait Host: Send + Sync {
     fn lost(&self, reason: String) -> impl Future<Output = ()> + Send;
     /// The domain crashed during a migration; see [`resolve::crash`].
     fn crashed(&self, reason: String) -> impl Future<Output = ()> + Send;
+    /// An instance may run the guest but cannot be talked to: the domain is
+    /// left unreachable (the job file is kept for a later recovery).
+    fn unreachable(
+        &self,
+        record: InstanceRecord,
+        reason: String,
+    ) -> impl Future<Output = ()> + Send;
     /// The stored definition (for the hook environment in recovery).
     fn definition(&self) -> impl Future<Output = Definition> + Send;
 }
@@ -360,6 +367,7 @@ impl<H: Host> Migration<'_, H> {
                 .await
                 .map_err(qmp_err("setting test parameters"))
         );
+        let st = st.hooks()?;
         let env = self.hook_env(&st);
         attempt!(st, hooks::prepare(self.host.hooks_dir(), &env).await);
 
@@ -449,10 +457,12 @@ impl<H: Host> Migration<'_, H> {
         let file = &mut self.file;
         let pause = std::env::var(TEST_PAUSE_ENV).ok().as_deref() == Some("finish:resume");
         let marker = domain_run_dir(self.host.run_dir(), self.host.name()).join("test-paused");
+        let dst_exited = || dst.pidfd.exited();
         let resumed = resume_destination(
             &src.qmp,
             src_exited,
             &dst.qmp,
+            dst_exited,
             &mut events,
             || intent(file, &path),
             || async {
@@ -468,7 +478,9 @@ impl<H: Host> Migration<'_, H> {
         let st = match resumed {
             Ok(()) => st.resuming()?.resumed()?,
             Err(Resume::NotResumed(e)) => return Err(Failed::new(st, e)),
-            Err(Resume::MayHaveRun(e)) => return Err(Failed::new(st.resuming()?, e)),
+            Err(Resume::MayHaveRun(e) | Resume::Unanswered(e)) => {
+                return Err(Failed::new(st.resuming()?, e))
+            }
         };
         let overhead = at.elapsed();
         tracing::debug!(
@@ -509,7 +521,8 @@ impl<H: Host> Migration<'_, H> {
         }
         self.req.job.set_phase(PhaseName::Confirm);
         self.test_pause("before").await;
-        resolve::switch_to_destination(self.host, Source::Held(src.clone()), &dst, false).await;
+        resolve::switch_to_destination(self.host, Source::Held(src.clone()), &dst, Switch::Live)
+            .await;
         self.times.record(PhaseName::Confirm, t);
         self.test_pause("after").await;
         if let Err(e) = JobFile::remove(&self.path) {
@@ -543,6 +556,22 @@ impl<H: Host> Migration<'_, H> {
         let Failed { state, error } = f;
         let hooks = state.hooks_may_have_run().then(|| self.hook_env(&state));
         let dst = state.dst().cloned();
+        if let MigrationError::ContUnanswered { detail } = &error {
+            // Decided by what the two QEMUs say now, by the recovery rules,
+            // on fresh handles: the job file says Finish with the intent.
+            drop(state);
+            let verdict = match recover(self.host, self.file.clone()).await {
+                Recovered::Domid(d) => format!("recovered: domid {d} runs the guest"),
+                Recovered::Nothing => "recovered: no instance runs the guest".to_string(),
+                Recovered::LeaveAlone { reason, src } => {
+                    self.host.unreachable(*src, reason.clone()).await;
+                    format!("left unreachable: {reason}")
+                }
+            };
+            return MigrationError::ContUnanswered {
+                detail: format!("{detail}; {verdict}"),
+            };
+        }
         if state.destination_may_have_run() {
             let reason = crate::error::chain(&error);
             let next = self
@@ -569,7 +598,12 @@ impl<H: Host> Migration<'_, H> {
         if let Err(e) = self.write(next) {
             tracing::error!("persisting Confirm(failure): {}", crate::error::chain(&e));
         }
-        let cancel = matches!(state, State::Performing { .. });
+        // Abort and timeout cancelled already.
+        let cancel = matches!(state, State::Performing { .. })
+            && !matches!(
+                error,
+                MigrationError::Aborted | MigrationError::Timeout { .. }
+            );
         resolve::keep_source(
             self.host,
             &self.req.src,
@@ -597,7 +631,11 @@ async fn wait_outgoing(
     job: &Job,
     timeout: Duration,
 ) -> Result<Instant, MigrationError> {
-    let deadline = tokio::time::Instant::now() + timeout;
+    let now = tokio::time::Instant::now();
+    // A timeout too large to add is no timeout.
+    let deadline = now
+        .checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86400));
     loop {
         // biased: a completion that raced an abort wins (the switchover
         // happened; abort is refused from then on).
@@ -656,8 +694,13 @@ async fn wait_outgoing(
 pub enum Resume {
     /// `cont` was provably never executed: the source may be kept.
     NotResumed(MigrationError),
-    /// `cont` may have run: the destination may have run the guest.
+    /// `cont` may have run and the destination is gone: it may have run
+    /// the guest and died.
     MayHaveRun(MigrationError),
+    /// `cont` may have run and the destination is alive, but its answer was
+    /// lost: what happened is decided by observation, as after an agent
+    /// kill (the recovery rules).
+    Unanswered(MigrationError),
 }
 
 /// The last step of the switchover, on the destination. In order:
@@ -667,13 +710,14 @@ pub enum Resume {
 ///    before `cont`, not assumed;
 /// 2. `intent` persists that `cont` is about to be sent; if that fails,
 ///    nothing is sent;
-/// 3. `cont`. Only an error *answer* from QEMU proves it did not run; a
-///    lost connection or an exited destination after this point may mean
-///    the guest ran there.
+/// 3. `cont`. Only an error *answer* from QEMU, or a command that could
+///    not be written, proves it did not run; a lost answer may mean the
+///    guest runs there.
 pub async fn resume_destination<P, F>(
     src: &Qmp,
     src_exited: impl Fn() -> bool,
     dst: &Qmp,
+    dst_exited: impl Fn() -> bool,
     events: &mut broadcast::Receiver<QmpEvent>,
     intent: impl FnOnce() -> Result<(), MigrationError>,
     before_cont: P,
@@ -713,12 +757,16 @@ where
     intent().map_err(Resume::NotResumed)?;
     before_cont().await;
     match dst.cont().await {
-        Ok(()) => Ok(()),
-        Err(e @ QmpError::Command { .. }) => Err(Resume::NotResumed(qmp_err(
-            "resuming the destination (cont)",
-        )(e))),
-        Err(e) => Err(Resume::MayHaveRun(MigrationError::Crashed {
+        // An answer that does not decode is still an answer: cont ran.
+        Ok(()) | Err(QmpError::Decode { .. }) => Ok(()),
+        Err(e @ (QmpError::Command { .. } | QmpError::Write { .. })) => Err(Resume::NotResumed(
+            qmp_err("resuming the destination (cont)")(e),
+        )),
+        Err(e) if dst_exited() => Err(Resume::MayHaveRun(MigrationError::Crashed {
             detail: format!("cont: {}", crate::error::chain(&e)),
+        })),
+        Err(e) => Err(Resume::Unanswered(MigrationError::ContUnanswered {
+            detail: crate::error::chain(&e),
         })),
     }
 }
@@ -794,23 +842,36 @@ async fn try_adopt(rec: &InstanceRecord) -> Result<Option<Arc<Instance>>, String
     }
 }
 
-/// (alive, vCPUs running, query-migrate status) of one instance.
-async fn observe_one(i: Option<&Arc<Instance>>) -> (bool, bool, Option<String>) {
+/// (alive, vCPUs running, query-migrate status) of one instance; `Err`
+/// when it is alive but does not say whether its vCPUs run: "not known to
+/// run" is never taken for "stopped".
+async fn observe_one(i: Option<&Arc<Instance>>) -> Result<(bool, bool, Option<String>), String> {
     let Some(i) = i else {
-        return (false, false, None);
+        return Ok((false, false, None));
     };
-    let running = i.qmp.status().await.map(|x| x.0).unwrap_or(false);
+    let running = match i.qmp.status().await {
+        Ok((running, _)) => running,
+        Err(e) => {
+            return Err(format!(
+                "QEMU (domid {}, pid {}) does not answer query-status: {}",
+                i.domid(),
+                i.pid(),
+                crate::error::chain(&e)
+            ))
+        }
+    };
     let migration = i
         .qmp
         .execute_raw("query-migrate", None)
         .await
         .ok()
         .and_then(|v| v["status"].as_str().map(String::from));
-    (true, running, migration)
+    Ok((true, running, migration))
 }
 
-/// Finish a migration the agent was killed in, by the rules of
-/// [`recovery`], through the same [`resolve`] steps as the live path.
+/// Finish a migration the agent was killed in (or whose `cont` went
+/// unanswered), by the rules of [`recovery`], through the same [`resolve`]
+/// steps as the live path.
 pub async fn recover<H: Host>(host: &H, job: JobFile) -> Recovered {
     let path = job_path(&domain_run_dir(host.run_dir(), host.name()));
     let phase = job.phase.name();
@@ -832,6 +893,10 @@ pub async fn recover<H: Host>(host: &H, job: JobFile) -> Recovered {
     if let Some(d) = parts.dst_domid {
         host.observe_domid(d);
     }
+    let leave_alone = |why: String| Recovered::LeaveAlone {
+        src: Box::new(parts.src.clone()),
+        reason: format!("interrupted migration (phase {phase}) not recovered: {why}"),
+    };
     let adopted = async {
         let src = try_adopt(parts.src).await?;
         let dst = match parts.dst {
@@ -840,32 +905,34 @@ pub async fn recover<H: Host>(host: &H, job: JobFile) -> Recovered {
         };
         Ok::<_, String>((src, dst))
     };
+    // Never decide on a guess: an instance that lives but cannot be talked
+    // to may be the one running the guest.
     let (src, dst) = match adopted.await {
         Ok(v) => v,
-        Err(why) => {
-            // Never decide on a guess: an instance that lives but cannot be
-            // talked to may be the one running the guest.
-            return Recovered::LeaveAlone {
-                src: Box::new(parts.src.clone()),
-                reason: format!("interrupted migration (phase {phase}) not recovered: {why}"),
-            };
-        }
+        Err(why) => return leave_alone(why),
     };
-    let (src_alive, src_running, src_migration) = observe_one(src.as_ref()).await;
-    let (dst_alive, dst_running, dst_migration) = observe_one(dst.as_ref()).await;
-    let observed = Observed {
-        src_alive,
-        src_running,
-        src_migration,
-        dst_alive,
-        dst_running,
-        dst_migration,
-        resume_sent,
+    let observed = async {
+        let (src_alive, src_running, src_migration) = observe_one(src.as_ref()).await?;
+        let (dst_alive, dst_running, dst_migration) = observe_one(dst.as_ref()).await?;
+        Ok::<_, String>(Observed {
+            src_alive,
+            src_running,
+            src_migration,
+            dst_alive,
+            dst_running,
+            dst_migration,
+            resume_sent,
+        })
+    };
+    let observed = match observed.await {
+        Ok(o) => o,
+        Err(why) => return leave_alone(why),
     };
     let decision = recovery::decide(phase, outcome, &observed);
     tracing::warn!(domain = host.name(), %phase, ?outcome, ?observed, ?decision, "recovering interrupted migration");
-    // Prepare hooks may have run once a destination slot existed.
-    let hooks = if parts.dst_paths.is_some() {
+    // Prepare hooks may have run once a destination slot existed; after a
+    // recorded crash they were released when the crash was handled.
+    let hooks = if parts.dst_paths.is_some() && outcome != Some(Outcome::Crashed) {
         Some(HookEnv {
             domain: host.name().to_string(),
             src_domid: parts.src.domid,
@@ -895,31 +962,39 @@ pub async fn recover<H: Host>(host: &H, job: JobFile) -> Recovered {
                 Some(src)
             }
             None => {
-                host.lost("migration recovery found no instance to keep".into())
-                    .await;
+                lost(
+                    host,
+                    hooks,
+                    "migration recovery found no instance to keep".into(),
+                )
+                .await;
                 None
             }
         },
-        Decision::SwitchToDestination { cont_dst } => match dst {
+        Decision::SwitchToDestination { .. } => match dst {
             Some(d) => {
                 let from = match src {
                     Some(s) => Source::Held(s),
                     None => Source::Gone(parts.src),
                 };
-                resolve::switch_to_destination(host, from, &d, cont_dst).await;
+                resolve::switch_to_destination(host, from, &d, Switch::Recovery).await;
                 Some(d)
             }
             None => {
-                host.lost("migration recovery found no instance to keep".into())
-                    .await;
+                lost(
+                    host,
+                    hooks,
+                    "migration recovery found no instance to keep".into(),
+                )
+                .await;
                 None
             }
         },
         Decision::Crashed(reason) => {
             let reason = crash_reason.unwrap_or(reason);
-            let next = job.phase.confirm(Outcome::Crashed, Some(reason.clone()));
             let file = JobFile {
-                phase: next,
+                version: super::phase::VERSION,
+                phase: job.phase.confirm(Outcome::Crashed, Some(reason.clone())),
                 ..job.clone()
             };
             if let Err(e) = file.save(&path) {
@@ -939,12 +1014,13 @@ pub async fn recover<H: Host>(host: &H, job: JobFile) -> Recovered {
             .await;
             return Recovered::Nothing;
         }
+        Decision::LeaveAlone(why) => return leave_alone(why),
         Decision::Lost(reason) => {
             for i in [src, dst].into_iter().flatten() {
                 i.kill("migration recovery: guest lost", resolve::KILL_WAIT)
                     .await;
             }
-            host.lost(reason).await;
+            lost(host, hooks, reason).await;
             None
         }
     };
@@ -962,6 +1038,15 @@ pub async fn recover<H: Host>(host: &H, job: JobFile) -> Recovered {
         }
         None => Recovered::Nothing,
     }
+}
+
+/// No instance is left: release what prepare hooks set up, then the domain
+/// is shut off.
+async fn lost<H: Host>(host: &H, hooks: Option<HookEnv>, reason: String) {
+    if let Some(env) = &hooks {
+        hooks::release(host.hooks_dir(), env).await;
+    }
+    host.lost(reason).await;
 }
 
 #[cfg(test)]
@@ -1003,11 +1088,23 @@ mod tests {
         events: &mut broadcast::Receiver<QmpEvent>,
         intent_ok: bool,
     ) -> (Result<(), Resume>, bool) {
+        resume_with(src, src_exited, dst, false, events, intent_ok).await
+    }
+
+    async fn resume_with(
+        src: &Qmp,
+        src_exited: bool,
+        dst: &Qmp,
+        dst_exited: bool,
+        events: &mut broadcast::Receiver<QmpEvent>,
+        intent_ok: bool,
+    ) -> (Result<(), Resume>, bool) {
         let persisted = AtomicBool::new(false);
         let r = resume_destination(
             src,
             || src_exited,
             dst,
+            || dst_exited,
             events,
             || {
                 persisted.store(true, Ordering::SeqCst);
@@ -1062,23 +1159,56 @@ mod tests {
         assert!(!persisted);
     }
 
-    #[tokio::test]
-    async fn a_destination_lost_after_cont_may_have_run() {
-        let (src, _) = stopped_source().await;
-        let (dst, dst_got) = fake::start(vec![completed()], |c| match c["execute"].as_str() {
+    async fn dst_closing_on_cont() -> (Qmp, fake::Received) {
+        fake::start(vec![completed()], |c| match c["execute"].as_str() {
             // The connection drops between `cont` and its reply.
             Some("cont") => Reply::Close,
             _ => answer(c, false, "completed"),
         })
-        .await;
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_destination_lost_after_cont_may_have_run() {
+        let (src, _) = stopped_source().await;
+        let (dst, dst_got) = dst_closing_on_cont().await;
         let mut events = dst.subscribe();
-        let (r, persisted) = resume(&src, false, &dst, &mut events, true).await;
+        // ... and its process is gone: crashed.
+        let (r, persisted) = resume_with(&src, false, &dst, true, &mut events, true).await;
         assert!(
             matches!(r, Err(Resume::MayHaveRun(MigrationError::Crashed { .. }))),
             "{r:?}"
         );
         assert!(persisted, "the intent was on disk before cont was sent");
         assert!(sent(&dst_got, "cont"));
+    }
+
+    #[tokio::test]
+    async fn a_lost_answer_from_a_live_destination_is_left_to_observation() {
+        let (src, _) = stopped_source().await;
+        let (dst, _) = dst_closing_on_cont().await;
+        let mut events = dst.subscribe();
+        let (r, _) = resume_with(&src, false, &dst, false, &mut events, true).await;
+        assert!(
+            matches!(
+                r,
+                Err(Resume::Unanswered(MigrationError::ContUnanswered { .. }))
+            ),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_does_not_decode_is_still_an_answer() {
+        let (src, _) = stopped_source().await;
+        let (dst, _) = fake::start(vec![completed()], |c| match c["execute"].as_str() {
+            Some("cont") => Reply::Lines(vec![fake::ok(c, json!(42))]),
+            _ => answer(c, false, "completed"),
+        })
+        .await;
+        let mut events = dst.subscribe();
+        let (r, _) = resume(&src, false, &dst, &mut events, true).await;
+        assert!(r.is_ok(), "{r:?}");
     }
 
     #[tokio::test]

@@ -113,6 +113,8 @@ pub enum MigrationError {
     SourceRunning { status: String },
     #[error("the destination QEMU may have run the guest and then failed ({detail}); the source's device state is older than the guest's memory, so neither instance may run it again")]
     Crashed { detail: String },
+    #[error("the destination QEMU did not answer `cont` ({detail})")]
+    ContUnanswered { detail: String },
     #[error("migration step {step} is not allowed in state {from}")]
     Transition {
         from: &'static str,

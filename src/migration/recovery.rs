@@ -11,11 +11,17 @@
 //! | Finish | destination running | switch to destination (Confirm) |
 //! | Finish | destination completed but paused, source not running | `cont` destination, switch |
 //! | Finish, `cont` never sent | destination gone | keep source: `cont` source |
+//! | Finish, `cont` may have been sent | destination alive, source not running | `cont` destination, switch |
+//! | Finish, `cont` may have been sent | destination alive, source running | leave alone (unreachable) |
 //! | Finish, `cont` may have been sent | destination gone | crashed: kill both, never resume the source |
 //! | Confirm (success) | destination alive | switch: kill source, swap, clean |
 //! | Confirm (success) | destination gone | crashed |
 //! | Confirm (failure) | - | keep source |
 //! | Confirm (crashed) | - | crashed (until `qlive destroy`) |
+//!
+//! An instance that is alive but does not answer `query-status` stops the
+//! recovery before this table (the executor leaves the domain unreachable):
+//! "not known to run" is never taken for "stopped".
 //!
 //! Safety: at most one instance ever runs vCPUs. The destination is resumed
 //! only when the source is proven stopped or dead; the source only when the
@@ -58,6 +64,9 @@ pub enum Decision {
     /// The destination may have run the guest and is gone: kill every
     /// instance, report the domain crashed with this reason, run nothing.
     Crashed(String),
+    /// What was observed contradicts the job file: touch nothing, keep the
+    /// job file, report the domain unreachable with this reason.
+    LeaveAlone(String),
 }
 
 /// Is this a `query-migrate` status of a migration still in flight?
@@ -84,10 +93,18 @@ pub fn decide(phase: PhaseName, outcome: Option<Outcome>, o: &Observed) -> Decis
             if o.dst_alive && o.dst_running {
                 Decision::SwitchToDestination { cont_dst: false }
             } else if o.dst_alive
-                && o.dst_migration.as_deref() == Some("completed")
                 && !o.src_running
+                && (o.dst_migration.as_deref() == Some("completed") || o.resume_sent)
             {
+                // The intent is written only once the destination reported
+                // the state loaded and the source was proven stopped.
                 Decision::SwitchToDestination { cont_dst: true }
+            } else if o.resume_sent && o.dst_alive {
+                Decision::LeaveAlone(
+                    "the destination may have run the guest, but the source runs vCPUs now; \
+                     neither is resumed or killed on a guess"
+                        .into(),
+                )
             } else if o.resume_sent {
                 Decision::Crashed(
                     "the destination QEMU was sent `cont` (it may have run the guest) and is gone; \
@@ -241,16 +258,26 @@ mod tests {
             decide(PhaseName::Finish, None, &o),
             Decision::Crashed(_)
         ));
-        // A destination that is still there is resumed or kept, as before.
-        let o = Observed {
+        // A destination that is still there is resumed, even when its
+        // migration status no longer says completed: the intent proves it was.
+        let alive = Observed {
             dst_alive: true,
-            dst_migration: Some("completed".into()),
-            ..o
+            ..o.clone()
         };
         assert_eq!(
-            decide(PhaseName::Finish, None, &o),
+            decide(PhaseName::Finish, None, &alive),
             Decision::SwitchToDestination { cont_dst: true }
         );
+        // Never killed on a guess: a source that runs again contradicts the
+        // intent, and nothing is touched.
+        let contradiction = Observed {
+            src_running: true,
+            ..alive
+        };
+        assert!(matches!(
+            decide(PhaseName::Finish, None, &contradiction),
+            Decision::LeaveAlone(_)
+        ));
     }
 
     #[test]

@@ -85,30 +85,49 @@ pub enum Source<'a> {
     Gone(&'a InstanceRecord),
 }
 
-/// Switch to the destination. `resume`: the destination is still paused
-/// and must be resumed; the source is killed first, so it is dead before
-/// the destination runs. Without `resume` the destination runs already
-/// (the live path sent `cont` after proving the source stopped); the swap
-/// comes first, then the source is asked to quit.
+/// How the switch is made.
+pub enum Switch {
+    /// The live path: the destination runs already (`cont` was sent after
+    /// the source was proven stopped). The swap comes first, then the source
+    /// is asked to quit.
+    Live,
+    /// Recovery: the source is killed first (SIGKILL, waited for), so it is
+    /// dead before the destination runs; then the destination is resumed
+    /// unless it runs, and committed.
+    Recovery,
+}
+
+/// Switch to the destination; see [`Switch`].
 pub async fn switch_to_destination<H: Host>(
     host: &H,
     src: Source<'_>,
     dst: &Arc<Instance>,
-    resume: bool,
+    how: Switch,
 ) {
     let name = host.name();
     let why = format!("migrated to domid {}", dst.domid());
-    if resume {
+    if let Switch::Recovery = how {
         match &src {
             Source::Held(s) => s.kill(why.clone(), KILL_WAIT).await,
             Source::Gone(rec) => instance::cleanup_paths(&rec.paths),
         }
-        if let Err(e) = dst.qmp.cont().await {
-            tracing::error!(
+        match dst.qmp.status().await {
+            Ok((true, _)) => {}
+            Ok((false, status)) => {
+                tracing::info!(domain = name, %status, "resuming the destination");
+                if let Err(e) = dst.qmp.cont().await {
+                    tracing::error!(
+                        domain = name,
+                        "resuming the destination: {}",
+                        crate::error::chain(&e)
+                    );
+                }
+            }
+            Err(e) => tracing::error!(
                 domain = name,
-                "resuming the destination: {}",
+                "destination status: {}",
                 crate::error::chain(&e)
-            );
+            ),
         }
     }
     host.commit(dst).await;

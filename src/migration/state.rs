@@ -45,8 +45,10 @@ pub enum State {
     /// A domid and its paths are allocated; a destination may be spawning.
     Preparing { domid: u64, paths: InstancePaths },
     /// The destination runs paused (`-incoming defer`) and sits in the
-    /// remote table; the prepare hooks may have run from here on.
+    /// remote table.
     Spawned { dst: Arc<Instance> },
+    /// The prepare hooks run (or ran): `release` is owed from here on.
+    Hooking { dst: Arc<Instance> },
     /// The destination listens for the incoming state.
     Prepared {
         dst: Arc<Instance>,
@@ -82,6 +84,7 @@ impl State {
             State::Begun => "begun",
             State::Preparing { .. } => "preparing",
             State::Spawned { .. } => "spawned",
+            State::Hooking { .. } => "hooking",
             State::Prepared { .. } => "prepared",
             State::Performing { .. } => "performing",
             State::Completed { .. } => "completed",
@@ -94,9 +97,10 @@ impl State {
     pub fn phase_name(&self) -> PhaseName {
         match self {
             State::Begun => PhaseName::Begin,
-            State::Preparing { .. } | State::Spawned { .. } | State::Prepared { .. } => {
-                PhaseName::Prepare
-            }
+            State::Preparing { .. }
+            | State::Spawned { .. }
+            | State::Hooking { .. }
+            | State::Prepared { .. } => PhaseName::Prepare,
             State::Performing { .. } => PhaseName::Perform,
             State::Completed { .. } | State::Resuming { .. } | State::Resumed { .. } => {
                 PhaseName::Finish
@@ -114,11 +118,13 @@ impl State {
                 dst_domid: *domid,
                 dst_paths: paths.clone(),
             },
-            State::Spawned { dst } | State::Prepared { dst, .. } => Phase::Prepare {
-                src,
-                dst_domid: dst.domid(),
-                dst_paths: dst.record.paths.clone(),
-            },
+            State::Spawned { dst } | State::Hooking { dst } | State::Prepared { dst, .. } => {
+                Phase::Prepare {
+                    src,
+                    dst_domid: dst.domid(),
+                    dst_paths: dst.record.paths.clone(),
+                }
+            }
             State::Performing { dst, .. } => Phase::Perform {
                 src,
                 dst: dst.record.clone(),
@@ -141,6 +147,7 @@ impl State {
         match self {
             State::Begun | State::Preparing { .. } => None,
             State::Spawned { dst }
+            | State::Hooking { dst }
             | State::Prepared { dst, .. }
             | State::Performing { dst, .. }
             | State::Completed { dst, .. }
@@ -167,7 +174,10 @@ impl State {
 
     /// Could prepare hooks have run (so `release` is owed)?
     pub fn hooks_may_have_run(&self) -> bool {
-        self.dst().is_some()
+        !matches!(
+            self,
+            State::Begun | State::Preparing { .. } | State::Spawned { .. }
+        )
     }
 
     fn wrong(self, step: &'static str) -> Failed {
@@ -194,10 +204,18 @@ impl State {
         }
     }
 
-    /// Spawned -> Prepared.
+    /// Spawned -> Hooking.
+    pub fn hooks(self) -> Result<State, Failed> {
+        match self {
+            State::Spawned { dst } => Ok(State::Hooking { dst }),
+            other => Err(other.wrong("hooks")),
+        }
+    }
+
+    /// Hooking -> Prepared.
     pub fn listening(self, events: broadcast::Receiver<QmpEvent>) -> Result<State, Failed> {
         match self {
-            State::Spawned { dst } => Ok(State::Prepared { dst, events }),
+            State::Hooking { dst } => Ok(State::Prepared { dst, events }),
             other => Err(other.wrong("listening")),
         }
     }
