@@ -253,8 +253,7 @@ impl Agent {
                 what: format!("opening {}", lock_path.display()),
                 source,
             })?;
-        let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-            .map_err(|_| AgentError::AlreadyRunning(lock_path.clone()))?;
+        let lock = take_agent_lock(lock_file, &lock_path).await?;
         let store = Store::open(&cfg.state_dir)?;
         let domids = DomidAllocator::open(&cfg.state_dir)?;
         let mcs = crate::domain::mcs::McsTable::open(&cfg.state_dir)?;
@@ -427,6 +426,27 @@ impl Agent {
         let mut t = self.mcs.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = t.release(name) {
             tracing::warn!(domain = name, error = %crate::error::chain(&e), "releasing the MCS pair");
+        }
+    }
+}
+
+/// Take the agent lock, waiting up to 2 s for it. A flock belongs to the
+/// open file, which a child of a killed agent still shares between its fork
+/// and its exec (a probe or a QEMU being spawned): for those milliseconds the
+/// lock looks held though no agent runs. A second agent holds it for good.
+async fn take_agent_lock(
+    mut file: std::fs::File,
+    path: &Path,
+) -> Result<nix::fcntl::Flock<std::fs::File>, AgentError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((f, _)) if std::time::Instant::now() < deadline => {
+                file = f;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(_) => return Err(AgentError::AlreadyRunning(path.to_path_buf())),
         }
     }
 }

@@ -597,21 +597,43 @@ pub async fn adopt(record: InstanceRecord) -> Result<Instance, InstanceError> {
     })
 }
 
-/// Kill the QEMU whose pidfile is in `dir`, if the process there really is
-/// that instance (its command line names the directory's QMP socket): a
-/// QEMU spawned but never recorded (killed agent, failed spawn).
+/// Kill every QEMU of the instance directory `dir`: a QEMU spawned but never
+/// recorded (killed agent, failed spawn). The pidfile names the daemon once
+/// it is written; before that (the agent was killed while QEMU was still
+/// starting), the process is found by its command line, which names the
+/// directory's QMP socket (unique: a domid is never reused). Scanned until
+/// none is left, so a daemon forked meanwhile is caught too.
 pub async fn kill_unrecorded(domain: &str, dir: &Path) {
     let paths = InstancePaths::in_dir(dir);
-    let Ok(pid) = read_pidfile(&paths.pid) else {
-        return;
-    };
-    // pidfd first: the process checked below is the process killed.
-    let Ok(pfd) = Pidfd::open(pid) else { return };
-    if !runs_instance(pid, &paths) {
-        return;
+    let mut pids: Vec<i32> = read_pidfile(&paths.pid).into_iter().collect();
+    for _round in 0..5 {
+        pids.extend(processes_of(&paths));
+        pids.sort_unstable();
+        pids.dedup();
+        if pids.is_empty() {
+            return;
+        }
+        for pid in pids.drain(..) {
+            // pidfd first: the process checked is the process killed.
+            let Ok(pfd) = Pidfd::open(pid) else { continue };
+            if !runs_instance(pid, &paths) {
+                continue;
+            }
+            tracing::warn!(domain, dir = %dir.display(), pid, "killing QEMU of this domain");
+            let _ = pfd.kill_and_wait(Duration::from_secs(10)).await;
+        }
     }
-    tracing::warn!(domain, dir = %dir.display(), pid, "killing QEMU of this domain");
-    let _ = pfd.kill_and_wait(Duration::from_secs(10)).await;
+}
+
+/// Processes whose command line names this instance's QMP socket.
+fn processes_of(paths: &InstancePaths) -> Vec<i32> {
+    let Ok(all) = procfs::process::all_processes() else {
+        return vec![];
+    };
+    all.flatten()
+        .map(|p| p.pid())
+        .filter(|&pid| pid != std::process::id() as i32 && runs_instance(pid, paths))
+        .collect()
 }
 
 /// Remove an instance's directory (sockets, pidfile, log).
