@@ -54,6 +54,9 @@ const RECALIBRATE_EVERY: usize = 20;
 /// Set by SIGINT/SIGTERM: stop after the current round, report, clean up.
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Set while a panic is expected and handled (a failed agent start).
+static QUIET_PANIC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 extern "C" fn on_stop_signal(_: libc::c_int) {
     STOP.store(true, std::sync::atomic::Ordering::SeqCst);
 }
@@ -508,7 +511,10 @@ impl Chaos {
     /// Start the agent; `Err` with its log tail if it does not come up.
     fn start_agent(&mut self) -> Result<f64, String> {
         let t0 = Instant::now();
+        // A failed start is counted, not a crash: keep its panic quiet.
+        QUIET_PANIC.store(true, std::sync::atomic::Ordering::SeqCst);
         let r = catch_unwind(AssertUnwindSafe(|| self.rig.start_agent()));
+        QUIET_PANIC.store(false, std::sync::atomic::Ordering::SeqCst);
         match r {
             Ok(()) => Ok(t0.elapsed().as_secs_f64() * 1e3),
             Err(_) => {
@@ -1113,9 +1119,13 @@ impl Chaos {
                     "agent did not come up",
                     &ctx,
                     format!(
-                        "agent log tail:\n{log}\nholding {}/agent.lock: {:?}",
+                        "agent log tail:\n{log}\nholding {}/agent.lock now: {}",
                         self.rig.run.display(),
-                        holders.iter().map(|h| &h.1).collect::<Vec<_>>()
+                        if holders.is_empty() {
+                            "nobody (the holder was short-lived)".to_string()
+                        } else {
+                            format!("{:?}", holders.iter().map(|h| &h.1).collect::<Vec<_>>())
+                        }
                     ),
                 );
                 // Counted; now take the holders (this rig's agent's
@@ -1384,6 +1394,9 @@ fn main() {
     // Rig panics quote the whole agent log; print only the start of a
     // panic message (the log is kept under target/chaos/ on failure).
     std::panic::set_hook(Box::new(|info| {
+        if QUIET_PANIC.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let msg = info
             .payload()
             .downcast_ref::<String>()
