@@ -4,7 +4,7 @@
 CARGO ?= cargo
 GUEST_DIR := target/guest
 
-.PHONY: all build deps guest qemu-new deb selinux selinux-check demo test lint fuzz bench bench-core bench-migration bench-upgrade clean
+.PHONY: all build deps guest qemu-new deb selinux selinux-check demo test lint fuzz bench bench-core bench-migration bench-upgrade bench-chaos clean
 
 all: build
 
@@ -55,7 +55,7 @@ test: deps guest qemu-new deb selinux-check lint fuzz
 	$(CARGO) nextest run --locked --profile ci
 
 # Benchmarks print their figures (docs/benchmarks.md); not part of `make test`.
-bench: bench-core bench-migration bench-upgrade
+bench: bench-core bench-migration bench-upgrade bench-chaos
 
 bench-core: build guest
 	$(CARGO) bench --locked --bench core
@@ -65,6 +65,12 @@ bench-migration: build guest
 
 bench-upgrade: build guest
 	$(CARGO) bench --locked --bench upgrade
+
+# SIGKILL the agent (and now and then a QEMU) during migrations; fails on any
+# violation of "one instance per domain, nothing left behind" (CHAOS_KILLS,
+# CHAOS_SEED: docs/benchmarks.md).
+bench-chaos: build guest qemu-new
+	$(CARGO) bench --locked --bench chaos
 
 clean:
 	$(CARGO) clean
