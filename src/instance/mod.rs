@@ -619,7 +619,7 @@ pub async fn kill_unrecorded(domain: &str, dir: &Path) {
             if !runs_instance(pid, &paths) {
                 continue;
             }
-            tracing::warn!(domain, dir = %dir.display(), pid, "killing QEMU of this domain");
+            tracing::warn!(domain = %domain, dir = %dir.display(), pid, "killing QEMU of this domain");
             let _ = pfd.kill_and_wait(Duration::from_secs(10)).await;
         }
     }

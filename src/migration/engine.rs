@@ -530,7 +530,7 @@ impl<H: Host> Migration<'_, H> {
         }
         let total_ms = (self.req.started.elapsed().as_secs_f64() * 1e6).round() / 1000.0;
         tracing::info!(
-            domain = self.host.name(),
+            domain = %self.host.name(),
             from = src.domid(),
             to = dst.domid(),
             downtime_ms = stats["downtime"].as_u64(),
@@ -589,7 +589,7 @@ impl<H: Host> Migration<'_, H> {
         // The cause goes in the message text too: journald shows fields only
         // with -o verbose.
         tracing::warn!(
-            domain = self.host.name(),
+            domain = %self.host.name(),
             state = state.label(),
             "migration failed; keeping the source: {}",
             crate::error::chain(&error)
@@ -929,7 +929,7 @@ pub async fn recover<H: Host>(host: &H, job: JobFile) -> Recovered {
         Err(why) => return leave_alone(why),
     };
     let decision = recovery::decide(phase, outcome, &observed);
-    tracing::warn!(domain = host.name(), %phase, ?outcome, ?observed, ?decision, "recovering interrupted migration");
+    tracing::warn!(domain = %host.name(), %phase, ?outcome, ?observed, ?decision, "recovering interrupted migration");
     // Prepare hooks may have run once a destination slot existed; after a
     // recorded crash they were released when the crash was handled.
     let hooks = if parts.dst_paths.is_some() && outcome != Some(Outcome::Crashed) {
@@ -1030,7 +1030,7 @@ pub async fn recover<H: Host>(host: &H, job: JobFile) -> Recovered {
     match winner {
         Some(i) => {
             tracing::warn!(
-                domain = host.name(),
+                domain = %host.name(),
                 domid = i.domid(),
                 "migration recovered"
             );

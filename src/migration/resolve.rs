@@ -63,17 +63,17 @@ pub async fn keep_source<H: Host>(
     if src_was_running {
         match src.qmp.status().await {
             Ok((false, status)) => {
-                tracing::info!(domain = name, %status, "resuming the source");
+                tracing::info!(domain = %name, %status, "resuming the source");
                 if let Err(e) = src.qmp.cont().await {
                     tracing::error!(
-                        domain = name,
+                        domain = %name,
                         "resuming the source: {}",
                         crate::error::chain(&e)
                     );
                 }
             }
             Ok((true, _)) => {}
-            Err(e) => tracing::error!(domain = name, "source status: {}", crate::error::chain(&e)),
+            Err(e) => tracing::error!(domain = %name, "source status: {}", crate::error::chain(&e)),
         }
     }
     host.commit(src).await;
@@ -114,17 +114,17 @@ pub async fn switch_to_destination<H: Host>(
         match dst.qmp.status().await {
             Ok((true, _)) => {}
             Ok((false, status)) => {
-                tracing::info!(domain = name, %status, "resuming the destination");
+                tracing::info!(domain = %name, %status, "resuming the destination");
                 if let Err(e) = dst.qmp.cont().await {
                     tracing::error!(
-                        domain = name,
+                        domain = %name,
                         "resuming the destination: {}",
                         crate::error::chain(&e)
                     );
                 }
             }
             Err(e) => tracing::error!(
-                domain = name,
+                domain = %name,
                 "destination status: {}",
                 crate::error::chain(&e)
             ),
@@ -136,7 +136,7 @@ pub async fn switch_to_destination<H: Host>(
             s.set_exit_intent(why);
             if let Err(e) = s.terminate(QUIT_GRACE).await {
                 tracing::error!(
-                    domain = name,
+                    domain = %name,
                     "quitting the source: {}",
                     crate::error::chain(&e)
                 );
@@ -159,7 +159,7 @@ pub async fn crash<H: Host>(
     reason: String,
 ) {
     let name = host.name();
-    tracing::error!(domain = name, %reason, "guest crashed during migration; it is not run again until `qlive destroy {name}`");
+    tracing::error!(domain = %name, %reason, "guest crashed during migration; it is not run again until `qlive destroy {name}`");
     host.take_remote();
     for i in instances {
         i.kill("crashed during migration", KILL_WAIT).await;
