@@ -148,23 +148,21 @@ fn parse(stdout: &str) -> (Vec<Vec<String>>, BTreeMap<String, Recap>) {
     (batches, recap)
 }
 
-/// Run `ansible-playbook -i inventory playbook` and parse what it printed.
-fn playbook(work: &Path, tag: &str, inventory: &Path, playbook: &Path) -> Run {
+/// `venv/bin/PROG` with the environment every run here gets: the collection
+/// from the checkout, no configuration but this, a tree callback writing
+/// each host's last result into `tree`.
+fn ansible_cmd(prog: &str, work: &Path, tree: &Path) -> Command {
     let v = venv();
-    let tree = work.join(format!("tree-{tag}"));
     let tmp = work.join("ansible-tmp");
     std::fs::create_dir_all(&tmp).unwrap();
-    let t0 = Instant::now();
-    let out = Command::new(v.join("bin/ansible-playbook"))
-        .arg("-i")
-        .arg(inventory)
-        .arg(playbook)
-        .current_dir(work) // no ansible.cfg of the checkout or the user
+    let mut cmd = Command::new(v.join("bin").join(prog));
+    cmd.current_dir(work) // no ansible.cfg of the checkout or the user
         .env("ANSIBLE_CONFIG", work.join("none.cfg"))
         .env("ANSIBLE_COLLECTIONS_PATH", repo_root().join("ansible"))
         .env("ANSIBLE_STDOUT_CALLBACK", "default")
+        .env("ANSIBLE_LOAD_CALLBACK_PLUGINS", "1")
         .env("ANSIBLE_CALLBACKS_ENABLED", "ansible.builtin.tree")
-        .env("ANSIBLE_CALLBACK_TREE_DIR", &tree)
+        .env("ANSIBLE_CALLBACK_TREE_DIR", tree)
         .env("ANSIBLE_NOCOLOR", "1")
         .env("ANSIBLE_RETRY_FILES_ENABLED", "0")
         .env("ANSIBLE_PIPELINING", "1")
@@ -177,7 +175,51 @@ fn playbook(work: &Path, tag: &str, inventory: &Path, playbook: &Path) -> Run {
             "PATH",
             format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", v.join("bin").display()),
         )
-        .stdin(Stdio::null())
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn tree_results(tree: &Path) -> BTreeMap<String, Value> {
+    let mut last = BTreeMap::new();
+    for h in Rig::ls(tree) {
+        let text = std::fs::read_to_string(tree.join(&h)).unwrap();
+        last.insert(h, serde_json::from_str(&text).unwrap_or(Value::Null));
+    }
+    last
+}
+
+/// `ansible hypervisors -m MODULE ARGS...` (ad hoc): exit code and each host's result.
+fn adhoc(
+    work: &Path,
+    tag: &str,
+    inventory: &Path,
+    args: &[&str],
+) -> (Option<i32>, BTreeMap<String, Value>) {
+    let tree = work.join(format!("tree-{tag}"));
+    let out = ansible_cmd("ansible", work, &tree)
+        .arg("-i")
+        .arg(inventory)
+        .arg("hypervisors")
+        .args(args)
+        .output()
+        .expect("run ansible");
+    eprintln!(
+        "==== ansible {args:?}: exit {:?}\n{}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), tree_results(&tree))
+}
+
+/// Run `ansible-playbook -i inventory playbook` and parse what it printed.
+fn playbook(work: &Path, tag: &str, inventory: &Path, playbook: &Path) -> Run {
+    let tree = work.join(format!("tree-{tag}"));
+    let t0 = Instant::now();
+    let out = ansible_cmd("ansible-playbook", work, &tree)
+        .arg("-i")
+        .arg(inventory)
+        .arg(playbook)
         .output()
         .expect("run ansible-playbook");
     let secs = t0.elapsed().as_secs_f64();
@@ -188,11 +230,7 @@ fn playbook(work: &Path, tag: &str, inventory: &Path, playbook: &Path) -> Run {
         out.status.code()
     );
     let (batches, recap) = parse(&stdout);
-    let mut last = BTreeMap::new();
-    for h in Rig::ls(&tree) {
-        let text = std::fs::read_to_string(tree.join(&h)).unwrap();
-        last.insert(h, serde_json::from_str(&text).unwrap_or(Value::Null));
-    }
+    let last = tree_results(&tree);
     Run {
         code: out.status.code(),
         stdout,
@@ -289,6 +327,66 @@ fn rolling_upgrade_canary_first_a_refusing_host_and_a_rerun() {
     let example = repo_root().join("ansible/examples/rolling-upgrade.yml");
     let text = std::fs::read_to_string(&example).unwrap();
     assert!(text.contains("max_fail_percentage: 50\n"), "{text}");
+
+    // ---- the modules alone, ad hoc: facts, and upgrade in check mode (--dry-run)
+    // (ad hoc there is no role: the binary and the host's socket are module options)
+    let exe = format!(
+        "executable={} socket={{{{ qlive_socket }}}}",
+        qlive_bin().display()
+    );
+    let (code, facts) = adhoc(
+        work.path(),
+        "facts",
+        &inventory,
+        &["-m", "qlive.fleet.facts", "-a", &exe],
+    );
+    assert_eq!(code, Some(0));
+    for h in &hosts {
+        let q = &facts[h.name]["ansible_facts"]["qlive"];
+        assert_eq!(q["socket"], json!(h.rig.socket), "{q}");
+        assert_eq!(q["stale"], json!(h.guests), "{q}");
+        assert_eq!(q["running"], json!(h.guests), "{q}");
+        assert_eq!(q["unknown"], json!([]), "{q}");
+        for (d, g) in q["domains"].as_array().unwrap().iter().zip(&h.guests) {
+            assert_eq!(d["name"], json!(g), "{d}");
+            assert_eq!(d["state"], "running", "{d}");
+            assert_eq!(d["stale"], true, "{d}");
+            assert_eq!(d["reasons"][0]["kind"], "exe-replaced", "{d}");
+            assert!(
+                d["qemu_version"].as_str().unwrap().starts_with("7.2."),
+                "{d}"
+            );
+            assert_eq!(
+                q["qemu_versions"][d["qemu_version"].as_str().unwrap()],
+                json!(h.guests)
+            );
+        }
+    }
+    let (code, dry) = adhoc(
+        work.path(),
+        "check",
+        &inventory,
+        &[
+            "-m",
+            "qlive.fleet.upgrade",
+            "-a",
+            &format!("{exe} parallel=2"),
+            "--check",
+        ],
+    );
+    assert_eq!(
+        code,
+        Some(0),
+        "every preflight passes (hooks do not run in one)"
+    );
+    for (i, h) in hosts.iter().enumerate() {
+        let d = &dry[h.name];
+        assert_eq!(d["changed"], true, "{d}");
+        assert_eq!(d["moved"], json!(h.guests), "{d}");
+        assert_eq!(d["summary"]["dry_run"], true, "{d}");
+        assert_eq!(d["summary"]["parallel"], 2, "{d}");
+        assert_eq!(h.pids(), before[i], "{}: check mode moved nothing", h.name);
+    }
 
     // ---- run 1: hv2 fails, half of its batch: not MORE than 50 %, the rollout goes on
     let r = playbook(work.path(), "1", &inventory, &example);
