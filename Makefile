@@ -4,7 +4,7 @@
 CARGO ?= cargo
 GUEST_DIR := target/guest
 
-.PHONY: all build deps guest qemu-new deb selinux selinux-check demo test lint fuzz bench bench-core bench-migration bench-upgrade bench-chaos clean
+.PHONY: all build deps guest qemu-new deb selinux selinux-check demo test lint fuzz ansible-venv ansible-sanity bench bench-core bench-migration bench-upgrade bench-chaos clean
 
 all: build
 
@@ -50,8 +50,19 @@ lint: deps
 fuzz: deps
 	scripts/fuzz.sh
 
-# Everything: lint, fuzzing, unit and integration tests (real QEMU under TCG).
-test: deps guest qemu-new deb selinux-check lint fuzz
+# The pinned ansible-core (ansible/test/requirements.txt) in target/ansible-venv,
+# from PyPI; tests/ansible.rs runs its ansible-playbook (docs/fleet.md).
+ansible-venv: deps
+	ansible/test/setup.sh target/ansible-venv
+
+# ansible-test sanity on the collection qlive.fleet (ansible/ansible_collections/qlive/fleet).
+ansible-sanity: ansible-venv
+	cd ansible/ansible_collections/qlive/fleet && \
+	  ../../../../target/ansible-venv/bin/ansible-test sanity --python 3.11
+
+# Everything: lint, fuzzing, the Ansible collection's sanity tests, unit and
+# integration tests (real QEMU under TCG).
+test: deps guest qemu-new deb selinux-check lint fuzz ansible-sanity
 	$(CARGO) nextest run --locked --profile ci
 
 # Benchmarks print their figures (docs/benchmarks.md); not part of `make test`.
