@@ -109,17 +109,17 @@ impl Host for DomainHost {
         self.agent.table().take_remote(&self.dom.name);
     }
 
-    async fn commit(&self, inst: &Arc<Instance>) {
+    async fn commit(&self, inst: &Arc<Instance>) -> bool {
         let mut st = self.dom.state.lock().await;
         self.agent.table().take_remote(&self.dom.name);
         if matches!(&st.run, Run::Running(cur) if cur.domid() == inst.domid()) {
-            return;
+            return true;
         }
-        // A dead instance is not brought back: its exit watcher (or the
-        // caller) records why it ended.
+        // A dead instance is not brought back: the caller (or, for the
+        // source, its exit watcher) records why it ended.
         if inst.pidfd.exited() {
             tracing::warn!(domain = %self.dom.name, domid = inst.domid(), "not committing an instance that exited");
-            return;
+            return false;
         }
         if let Err(e) = self.agent.write_status(&self.dom.name, &inst.record) {
             tracing::error!(domain = %self.dom.name, "writing the status file: {}", crate::error::chain(&e));
@@ -137,6 +137,7 @@ impl Host for DomainHost {
         }
         drop(st);
         self.agent.watch(&self.dom, inst);
+        true
     }
 
     async fn lost(&self, reason: String) {
@@ -272,11 +273,18 @@ impl Agent {
         // Whatever happened, the job is over (a test pause never gets here).
         let mut st = dom.state.lock().await;
         st.job = None;
-        if let Err(e) = &res {
-            // The engine itself failed (a bug): which instance runs the guest
-            // is not known. Leave it to recovery at the next agent start,
-            // with the job file kept, and touch nothing.
+        let job_kept = crate::migration::phase::job_path(&crate::instance::paths::domain_run_dir(
+            &self.cfg.run_dir,
+            &dom.name,
+        ))
+        .exists();
+        let still_source = matches!(&st.run, Run::Running(i) if i.domid() == src_record.domid);
+        if let (Err(e), true, true) = (&res, job_kept, still_source) {
+            // The engine itself failed (a bug) mid-way: which instance runs
+            // the guest is not known. Leave it to recovery at the next agent
+            // start, with the job file kept, and touch nothing.
             tracing::error!(domain = %dom.name, "migration task failed: {e}; the domain is left unreachable");
+            self.table().take_remote(&dom.name);
             st.run = Run::Unreachable {
                 record: Some(Box::new(src_record)),
                 reason: format!(

@@ -442,11 +442,19 @@ async fn take_agent_lock(
     loop {
         match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
             Ok(lock) => return Ok(lock),
-            Err((f, _)) if std::time::Instant::now() < deadline => {
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
                 file = f;
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
-            Err(_) => return Err(AgentError::AlreadyRunning(path.to_path_buf())),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(AgentError::AlreadyRunning(path.to_path_buf()))
+            }
+            Err((_, errno)) => {
+                return Err(AgentError::Io {
+                    what: format!("locking {}", path.display()),
+                    source: std::io::Error::from(errno),
+                })
+            }
         }
     }
 }

@@ -463,7 +463,12 @@ impl Agent {
                     let job = crate::migration::phase::job_path(
                         &crate::instance::paths::domain_run_dir(&self.cfg.run_dir, &dom.name),
                     );
-                    let _ = crate::migration::phase::JobFile::remove(&job);
+                    crate::migration::phase::JobFile::remove(&job).map_err(|source| {
+                        AgentError::Io {
+                            what: format!("removing {}", job.display()),
+                            source,
+                        }
+                    })?;
                     st.run = Run::ShutOff {
                         reason: "destroyed".into(),
                     };

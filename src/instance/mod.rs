@@ -489,9 +489,13 @@ fn is_our_qemu(pid: i32, spec: &SpawnSpec<'_>) -> Result<(), String> {
 /// pidfile might name)?
 pub fn runs_instance(pid: i32, paths: &InstancePaths) -> bool {
     let qmp = format!("path={}", cmdline::qemu_opt_escape(&paths.qmp));
+    // Every instance is started with -daemonize: a process that only
+    // mentions the path (a `grep` for it) is not one.
     procfs::process::Process::new(pid)
         .and_then(|p| p.cmdline())
-        .is_ok_and(|args| args.iter().any(|a| a.contains(&qmp)))
+        .is_ok_and(|args| {
+            args.iter().any(|a| a == "-daemonize") && args.iter().any(|a| a.contains(&qmp))
+        })
 }
 
 /// Label what the instance will use with the domain's MCS pair.
@@ -606,14 +610,21 @@ pub async fn adopt(record: InstanceRecord) -> Result<Instance, InstanceError> {
 pub async fn kill_unrecorded(domain: &str, dir: &Path) {
     let paths = InstancePaths::in_dir(dir);
     let mut pids: Vec<i32> = read_pidfile(&paths.pid).into_iter().collect();
+    let mut killed: Vec<i32> = Vec::new();
     for _round in 0..5 {
-        pids.extend(processes_of(&paths));
+        let scan_paths = paths.clone();
+        let found = tokio::task::spawn_blocking(move || processes_of(&scan_paths))
+            .await
+            .unwrap_or_default();
+        pids.extend(found);
         pids.sort_unstable();
         pids.dedup();
+        pids.retain(|p| !killed.contains(p));
         if pids.is_empty() {
             return;
         }
         for pid in pids.drain(..) {
+            killed.push(pid);
             // pidfd first: the process checked is the process killed.
             let Ok(pfd) = Pidfd::open(pid) else { continue };
             if !runs_instance(pid, &paths) {
@@ -625,14 +636,28 @@ pub async fn kill_unrecorded(domain: &str, dir: &Path) {
     }
 }
 
-/// Processes whose command line names this instance's QMP socket.
+/// Processes of this instance: in the agent's own mount namespace (another
+/// qlive's run dir may have the same paths), not in uninterruptible sleep
+/// (reading the command line of a process stuck with its memory map locked
+/// blocks), whose command line is a qlive QEMU's naming this instance's QMP
+/// socket ([`runs_instance`]).
 fn processes_of(paths: &InstancePaths) -> Vec<i32> {
     let Ok(all) = procfs::process::all_processes() else {
         return vec![];
     };
+    let own_ns = std::fs::read_link("/proc/self/ns/mnt").ok();
+    let me = std::process::id() as i32;
     all.flatten()
         .map(|p| p.pid())
-        .filter(|&pid| pid != std::process::id() as i32 && runs_instance(pid, paths))
+        .filter(|&pid| pid != me)
+        .filter(|&pid| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok() == own_ns)
+        .filter(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('D')))
+                .unwrap_or(false)
+        })
+        .filter(|&pid| runs_instance(pid, paths))
         .collect()
 }
 

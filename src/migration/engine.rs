@@ -87,8 +87,9 @@ pub trait Host: Send + Sync {
     fn insert_remote(&self, dst: Arc<Instance>) -> Result<(), TableError>;
     fn take_remote(&self);
     /// Make `inst` the domain's instance: out of the remote table, status
-    /// file, definition's emulator, exit watcher. Idempotent.
-    fn commit(&self, inst: &Arc<Instance>) -> impl Future<Output = ()> + Send;
+    /// file, definition's emulator, exit watcher. Idempotent. `false`: the
+    /// instance has exited and was not committed.
+    fn commit(&self, inst: &Arc<Instance>) -> impl Future<Output = bool> + Send;
     /// No instance is left and none may be started automatically: the
     /// domain is shut off with `reason`.
     fn lost(&self, reason: String) -> impl Future<Output = ()> + Send;
@@ -232,7 +233,7 @@ pub async fn migrate<H: Host>(host: &H, req: Request) -> Result<Report, Migratio
     }
     .await;
     match resumed {
-        Ok((dst, overhead)) => Ok(m.confirm(dst, overhead).await),
+        Ok((dst, overhead)) => m.confirm(dst, overhead).await,
         Err(f) => Err(m.failed(f).await),
     }
 }
@@ -502,7 +503,11 @@ impl<H: Host> Migration<'_, H> {
     }
 
     /// Confirm (success): persist, swap, quit the source, drop the job.
-    async fn confirm(&mut self, dst: Arc<Instance>, overhead: Duration) -> Report {
+    async fn confirm(
+        &mut self,
+        dst: Arc<Instance>,
+        overhead: Duration,
+    ) -> Result<Report, MigrationError> {
         let t = Instant::now();
         // Statistics only now: off the path between completion and cont.
         let src = self.req.src.clone();
@@ -521,8 +526,19 @@ impl<H: Host> Migration<'_, H> {
         }
         self.req.job.set_phase(PhaseName::Confirm);
         self.test_pause("before").await;
-        resolve::switch_to_destination(self.host, Source::Held(src.clone()), &dst, Switch::Live)
-            .await;
+        if !resolve::switch_to_destination(self.host, Source::Held(src.clone()), &dst, Switch::Live)
+            .await
+        {
+            let reason = "the destination QEMU died right after it was resumed".to_string();
+            let next = self
+                .file
+                .phase
+                .confirm(Outcome::Crashed, Some(reason.clone()));
+            if let Err(e) = self.write(next) {
+                tracing::error!("persisting Confirm(crashed): {}", crate::error::chain(&e));
+            }
+            return Err(MigrationError::Crashed { detail: reason });
+        }
         self.times.record(PhaseName::Confirm, t);
         self.test_pause("after").await;
         if let Err(e) = JobFile::remove(&self.path) {
@@ -537,7 +553,7 @@ impl<H: Host> Migration<'_, H> {
             total_ms,
             "migrated"
         );
-        Report {
+        Ok(Report {
             name: self.host.name().to_string(),
             from: SideReport::of(&src),
             to: SideReport::of(&dst),
@@ -547,7 +563,7 @@ impl<H: Host> Migration<'_, H> {
             bytes_sent: stats["ram"]["transferred"].as_u64(),
             completion_to_cont_us: overhead.as_micros() as u64,
             total_ms,
-        }
+        })
     }
 
     /// The failure path: keep the source while the destination never ran;
@@ -556,21 +572,31 @@ impl<H: Host> Migration<'_, H> {
         let Failed { state, error } = f;
         let hooks = state.hooks_may_have_run().then(|| self.hook_env(&state));
         let dst = state.dst().cloned();
-        if let MigrationError::ContUnanswered { detail } = &error {
-            // Decided by what the two QEMUs say now, by the recovery rules,
-            // on fresh handles: the job file says Finish with the intent.
-            drop(state);
-            let verdict = match recover(self.host, self.file.clone()).await {
-                Recovered::Domid(d) => format!("recovered: domid {d} runs the guest"),
-                Recovered::Nothing => "recovered: no instance runs the guest".to_string(),
-                Recovered::LeaveAlone { reason, src } => {
-                    self.host.unreachable(*src, reason.clone()).await;
-                    format!("left unreachable: {reason}")
-                }
-            };
-            return MigrationError::ContUnanswered {
-                detail: format!("{detail}; {verdict}"),
-            };
+        if let (MigrationError::ContUnanswered { detail }, Some(d)) = (&error, &dst) {
+            // A destination that closes its QMP connection as it dies is
+            // still alive for a moment: give it that moment.
+            let gone = tokio::time::timeout(Duration::from_secs(2), d.pidfd.wait_exit())
+                .await
+                .is_ok();
+            if !gone {
+                // Alive, and whether it runs the guest is unknown. Nothing is
+                // killed or resumed on a guess: the job file (Finish with the
+                // intent) stays, and the recovery rules decide at the next
+                // agent start, on fresh QMP connections (a QEMU monitor
+                // serves one client at a time, so not from here).
+                self.host.take_remote();
+                let reason = format!(
+                    "the destination QEMU (domid {}, pid {}) did not answer `cont` ({detail}); \
+                     restart the agent (systemctl restart qlive) and the recovery rules decide \
+                     which QEMU keeps the guest",
+                    d.domid(),
+                    d.pid()
+                );
+                self.host
+                    .unreachable(self.req.src.record.clone(), reason)
+                    .await;
+                return error;
+            }
         }
         if state.destination_may_have_run() {
             let reason = crate::error::chain(&error);
@@ -631,11 +657,15 @@ async fn wait_outgoing(
     job: &Job,
     timeout: Duration,
 ) -> Result<Instant, MigrationError> {
-    let now = tokio::time::Instant::now();
     // A timeout too large to add is no timeout.
-    let deadline = now
-        .checked_add(timeout)
-        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86400));
+    let deadline = tokio::time::Instant::now().checked_add(timeout);
+    let expired = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expired);
     loop {
         // biased: a completion that raced an abort wins (the switchover
         // happened; abort is refused from then on).
@@ -681,7 +711,7 @@ async fn wait_outgoing(
                 super::cancel_outgoing(src).await;
                 return Err(MigrationError::Aborted);
             }
-            _ = tokio::time::sleep_until(deadline) => {
+            _ = &mut expired => {
                 super::cancel_outgoing(src).await;
                 return Err(MigrationError::Timeout { secs: timeout.as_secs() });
             }
@@ -759,9 +789,11 @@ where
     match dst.cont().await {
         // An answer that does not decode is still an answer: cont ran.
         Ok(()) | Err(QmpError::Decode { .. }) => Ok(()),
-        Err(e @ (QmpError::Command { .. } | QmpError::Write { .. })) => Err(Resume::NotResumed(
-            qmp_err("resuming the destination (cont)")(e),
-        )),
+        // QEMU answered with an error: it did not run. (A failed write may
+        // still have delivered the whole command: that is a lost answer.)
+        Err(e @ QmpError::Command { .. }) => Err(Resume::NotResumed(qmp_err(
+            "resuming the destination (cont)",
+        )(e))),
         Err(e) if dst_exited() => Err(Resume::MayHaveRun(MigrationError::Crashed {
             detail: format!("cont: {}", crate::error::chain(&e)),
         })),
@@ -977,7 +1009,18 @@ pub async fn recover<H: Host>(host: &H, job: JobFile) -> Recovered {
                     Some(s) => Source::Held(s),
                     None => Source::Gone(parts.src),
                 };
-                resolve::switch_to_destination(host, from, &d, Switch::Recovery).await;
+                if !resolve::switch_to_destination(host, from, &d, Switch::Recovery).await {
+                    let reason = "the destination QEMU died while recovery resumed it".to_string();
+                    let file = JobFile {
+                        version: super::phase::VERSION,
+                        phase: job.phase.confirm(Outcome::Crashed, Some(reason)),
+                        ..job.clone()
+                    };
+                    if let Err(e) = file.save(&path) {
+                        tracing::error!("persisting Confirm(crashed): {}", crate::error::chain(&e));
+                    }
+                    return Recovered::Nothing;
+                }
                 Some(d)
             }
             None => {

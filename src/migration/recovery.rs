@@ -14,6 +14,7 @@
 //! | Finish, `cont` may have been sent | destination alive, source not running | `cont` destination, switch |
 //! | Finish, `cont` may have been sent | destination alive, source running | leave alone (unreachable) |
 //! | Finish, `cont` may have been sent | destination gone | crashed: kill both, never resume the source |
+//! | Finish or Confirm (success) | the source runs again although the destination was reached | leave alone (unreachable) |
 //! | Confirm (success) | destination alive | switch: kill source, swap, clean |
 //! | Confirm (success) | destination gone | crashed |
 //! | Confirm (failure) | - | keep source |
@@ -90,7 +91,9 @@ pub fn decide(phase: PhaseName, outcome: Option<Outcome>, o: &Observed) -> Decis
             }
         }
         PhaseName::Finish => {
-            if o.dst_alive && o.dst_running {
+            if o.dst_alive && o.dst_running && o.src_running {
+                both_running()
+            } else if o.dst_alive && o.dst_running {
                 Decision::SwitchToDestination { cont_dst: false }
             } else if o.dst_alive
                 && !o.src_running
@@ -117,7 +120,12 @@ pub fn decide(phase: PhaseName, outcome: Option<Outcome>, o: &Observed) -> Decis
         }
         PhaseName::Confirm => match outcome {
             Some(Outcome::Success) => {
-                if o.dst_alive {
+                if o.dst_alive && o.src_running {
+                    // The source runs again: the destination's device state
+                    // is older than the memory now, and the source's is not
+                    // known to be whole. Nobody is resumed or killed.
+                    both_running()
+                } else if o.dst_alive {
                     Decision::SwitchToDestination {
                         cont_dst: !o.dst_running && !o.src_running,
                     }
@@ -133,6 +141,14 @@ pub fn decide(phase: PhaseName, outcome: Option<Outcome>, o: &Observed) -> Decis
             Some(Outcome::Failure) | None => keep_source(o, false),
         },
     }
+}
+
+fn both_running() -> Decision {
+    Decision::LeaveAlone(
+        "the source runs vCPUs although the migration reached the destination; \
+         neither is resumed or killed on a guess"
+            .into(),
+    )
 }
 
 fn keep_source(o: &Observed, cancel_migration: bool) -> Decision {
@@ -289,6 +305,27 @@ mod tests {
         assert!(matches!(
             decide(PhaseName::Confirm, Some(Outcome::Success), &o),
             Decision::Crashed(_)
+        ));
+    }
+
+    #[test]
+    fn a_source_running_again_is_never_overruled() {
+        let o = Observed {
+            src_running: true,
+            dst_alive: true,
+            ..obs()
+        };
+        assert!(matches!(
+            decide(PhaseName::Confirm, Some(Outcome::Success), &o),
+            Decision::LeaveAlone(_)
+        ));
+        let both = Observed {
+            dst_running: true,
+            ..o
+        };
+        assert!(matches!(
+            decide(PhaseName::Finish, None, &both),
+            Decision::LeaveAlone(_)
         ));
     }
 

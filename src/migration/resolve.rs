@@ -97,13 +97,15 @@ pub enum Switch {
     Recovery,
 }
 
-/// Switch to the destination; see [`Switch`].
+/// Switch to the destination; see [`Switch`]. `false`: the destination
+/// died before it could be committed; it may have run the guest, so the
+/// domain was made crashed ([`crash`]) and the caller records it.
 pub async fn switch_to_destination<H: Host>(
     host: &H,
     src: Source<'_>,
     dst: &Arc<Instance>,
     how: Switch,
-) {
+) -> bool {
     let name = host.name();
     let why = format!("migrated to domid {}", dst.domid());
     if let Switch::Recovery = how {
@@ -130,7 +132,21 @@ pub async fn switch_to_destination<H: Host>(
             ),
         }
     }
-    host.commit(dst).await;
+    if !host.commit(dst).await {
+        let instances = match src {
+            Source::Held(s) => vec![s],
+            Source::Gone(_) => vec![],
+        };
+        crash(
+            host,
+            instances,
+            vec![&dst.record.paths],
+            None,
+            "the destination QEMU died right after it was resumed".into(),
+        )
+        .await;
+        return false;
+    }
     match src {
         Source::Held(s) => {
             s.set_exit_intent(why);
@@ -144,6 +160,7 @@ pub async fn switch_to_destination<H: Host>(
         }
         Source::Gone(rec) => instance::cleanup_paths(&rec.paths),
     }
+    true
 }
 
 /// The destination may have run the guest and is gone or unusable: kill
