@@ -278,6 +278,17 @@ impl<H: Host> Migration<'_, H> {
             })
     }
 
+    /// Persist Confirm(crashed): the record that keeps the domain crashed.
+    fn record_crash(&mut self, reason: &str) {
+        let next = self
+            .file
+            .phase
+            .confirm(Outcome::Crashed, Some(reason.to_string()));
+        if let Err(e) = self.write(next) {
+            tracing::error!("persisting Confirm(crashed): {}", crate::error::chain(&e));
+        }
+    }
+
     /// Test-only stop point; see [`TEST_PAUSE_ENV`].
     async fn test_pause(&self, when: &str) {
         let Ok(want) = std::env::var(TEST_PAUSE_ENV) else {
@@ -530,13 +541,7 @@ impl<H: Host> Migration<'_, H> {
             .await
         {
             let reason = "the destination QEMU died right after it was resumed".to_string();
-            let next = self
-                .file
-                .phase
-                .confirm(Outcome::Crashed, Some(reason.clone()));
-            if let Err(e) = self.write(next) {
-                tracing::error!("persisting Confirm(crashed): {}", crate::error::chain(&e));
-            }
+            self.record_crash(&reason);
             return Err(MigrationError::Crashed { detail: reason });
         }
         self.times.record(PhaseName::Confirm, t);
@@ -600,13 +605,7 @@ impl<H: Host> Migration<'_, H> {
         }
         if state.destination_may_have_run() {
             let reason = crate::error::chain(&error);
-            let next = self
-                .file
-                .phase
-                .confirm(Outcome::Crashed, Some(reason.clone()));
-            if let Err(e) = self.write(next) {
-                tracing::error!("persisting Confirm(crashed): {}", crate::error::chain(&e));
-            }
+            self.record_crash(&reason);
             let paths: Vec<&InstancePaths> = state.dst_slot().map(|(_, p)| p).into_iter().collect();
             let instances = dst.into_iter().chain([self.req.src.clone()]).collect();
             resolve::crash(self.host, instances, paths, hooks, reason).await;
@@ -1011,14 +1010,7 @@ pub async fn recover<H: Host>(host: &H, job: JobFile) -> Recovered {
                 };
                 if !resolve::switch_to_destination(host, from, &d, Switch::Recovery).await {
                     let reason = "the destination QEMU died while recovery resumed it".to_string();
-                    let file = JobFile {
-                        version: super::phase::VERSION,
-                        phase: job.phase.confirm(Outcome::Crashed, Some(reason)),
-                        ..job.clone()
-                    };
-                    if let Err(e) = file.save(&path) {
-                        tracing::error!("persisting Confirm(crashed): {}", crate::error::chain(&e));
-                    }
+                    save_crash(&job, &path, reason);
                     return Recovered::Nothing;
                 }
                 Some(d)
@@ -1035,14 +1027,7 @@ pub async fn recover<H: Host>(host: &H, job: JobFile) -> Recovered {
         },
         Decision::Crashed(reason) => {
             let reason = crash_reason.unwrap_or(reason);
-            let file = JobFile {
-                version: super::phase::VERSION,
-                phase: job.phase.confirm(Outcome::Crashed, Some(reason.clone())),
-                ..job.clone()
-            };
-            if let Err(e) = file.save(&path) {
-                tracing::error!("persisting Confirm(crashed): {}", crate::error::chain(&e));
-            }
+            save_crash(&job, &path, reason.clone());
             let paths = [Some(&parts.src.paths), parts.dst_paths]
                 .into_iter()
                 .flatten()
@@ -1080,6 +1065,19 @@ pub async fn recover<H: Host>(host: &H, job: JobFile) -> Recovered {
             Recovered::Domid(i.domid())
         }
         None => Recovered::Nothing,
+    }
+}
+
+/// Rewrite the job file as Confirm(crashed), in this version's format: the
+/// record that keeps the domain crashed until `qlive destroy`.
+fn save_crash(job: &JobFile, path: &Path, reason: String) {
+    let file = JobFile {
+        version: super::phase::VERSION,
+        phase: job.phase.confirm(Outcome::Crashed, Some(reason)),
+        ..job.clone()
+    };
+    if let Err(e) = file.save(path) {
+        tracing::error!("persisting Confirm(crashed): {}", crate::error::chain(&e));
     }
 }
 
