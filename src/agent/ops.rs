@@ -430,22 +430,9 @@ impl Agent {
                     i.clone()
                 }
                 Run::Crashed { .. } => {
-                    // The operator's acknowledgement: the kept job file
-                    // (the record of the crash) goes, any QEMU left in the
-                    // instance dirs is killed, and start may boot it again.
-                    self.kill_unreachable(&dom.name, None).await;
-                    self.remove_status(&dom.name);
-                    let job = crate::migration::phase::job_path(
-                        &crate::instance::paths::domain_run_dir(&self.cfg.run_dir, &dom.name),
-                    );
-                    // The record must go, or the next agent start marks the
-                    // domain crashed again (and sweeps a guest started since).
-                    crate::migration::phase::JobFile::remove(&job).map_err(|source| {
-                        AgentError::Io {
-                            what: format!("removing {}", job.display()),
-                            source,
-                        }
-                    })?;
+                    // The operator's acknowledgement: the kept job file (the
+                    // record of the crash) goes, and start may boot it again.
+                    self.end_unadopted(&dom.name, None).await?;
                     tracing::warn!(domain = %dom.name, "crash acknowledged by destroy");
                     st.run = Run::ShutOff {
                         reason: "destroyed after a crash during migration".into(),
@@ -456,19 +443,7 @@ impl Agent {
                 }
                 Run::Unreachable { record, .. } => {
                     let record = record.clone();
-                    self.kill_unreachable(&dom.name, record).await;
-                    self.remove_status(&dom.name);
-                    // A kept job file describes instances that are now gone;
-                    // left behind it would make a later recovery act on them.
-                    let job = crate::migration::phase::job_path(
-                        &crate::instance::paths::domain_run_dir(&self.cfg.run_dir, &dom.name),
-                    );
-                    crate::migration::phase::JobFile::remove(&job).map_err(|source| {
-                        AgentError::Io {
-                            what: format!("removing {}", job.display()),
-                            source,
-                        }
-                    })?;
+                    self.end_unadopted(&dom.name, record).await?;
                     st.run = Run::ShutOff {
                         reason: "destroyed".into(),
                     };
@@ -489,6 +464,29 @@ impl Agent {
             .await?;
         Ok(api::Destroyed {
             name: dom.name.clone(),
+        })
+    }
+
+    /// `destroy` of a domain the agent holds no instance of (unreachable,
+    /// crashed): kill its recorded process and any QEMU in its instance
+    /// dirs, then remove the status file and a kept job file. The job file
+    /// must go: left behind, the next agent start would act on instances
+    /// that are gone (mark the domain crashed again, or sweep a guest started
+    /// since).
+    async fn end_unadopted(
+        &self,
+        name: &str,
+        record: Option<Box<crate::instance::InstanceRecord>>,
+    ) -> Result<(), AgentError> {
+        self.kill_unreachable(name, record).await;
+        self.remove_status(name);
+        let job = crate::migration::phase::job_path(&crate::instance::paths::domain_run_dir(
+            &self.cfg.run_dir,
+            name,
+        ));
+        crate::migration::phase::JobFile::remove(&job).map_err(|source| AgentError::Io {
+            what: format!("removing {}", job.display()),
+            source,
         })
     }
 

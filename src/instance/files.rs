@@ -96,12 +96,13 @@ pub fn resolve_firmware(info_roms: &str, data_dirs: &[PathBuf]) -> Vec<FileId> {
         .collect()
 }
 
+/// Helpers for the tests of file identities here and in `upgrade::stale`.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::process::{Child, Command};
+pub(crate) mod test_support {
+    use std::process::Child;
 
-    struct Kill(Child);
+    /// A child process killed (and reaped) when dropped.
+    pub struct Kill(pub Child);
     impl Drop for Kill {
         fn drop(&mut self) {
             let _ = self.0.kill();
@@ -109,7 +110,8 @@ mod tests {
         }
     }
 
-    fn wait_mapped(pid: u32, needle: &str) {
+    /// Wait (up to 2 s) until `pid` maps a file whose path contains `needle`.
+    pub fn wait_mapped(pid: u32, needle: &str) {
         for _ in 0..200 {
             if std::fs::read_to_string(format!("/proc/{pid}/maps"))
                 .unwrap_or_default()
@@ -121,6 +123,13 @@ mod tests {
         }
         panic!("{needle} never mapped");
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::{wait_mapped, Kill};
+    use super::*;
+    use std::process::Command;
 
     #[test]
     fn file_id_follows_replace_and_modify() {

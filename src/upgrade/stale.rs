@@ -203,9 +203,10 @@ pub fn check(pid: i32, recorded: &[FileId]) -> Result<Vec<StaleReason>, StaleErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::instance::files::test_support::{wait_mapped, Kill};
     use crate::instance::files::{mapped_files, resolve_firmware};
     use std::path::Path;
-    use std::process::{Child, Command};
+    use std::process::Command;
 
     #[test]
     fn kind_names_are_the_serialized_ones() {
@@ -214,32 +215,11 @@ mod tests {
         }
     }
 
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
     fn replace(path: &Path) {
         // as a package manager does: write a new file, rename over the old
         let tmp = path.with_extension("dpkg-new");
         std::fs::copy(path, &tmp).unwrap();
         std::fs::rename(&tmp, path).unwrap();
-    }
-
-    fn wait_mapped(pid: u32, needle: &str) {
-        for _ in 0..200 {
-            if std::fs::read_to_string(format!("/proc/{pid}/maps"))
-                .unwrap_or_default()
-                .contains(needle)
-            {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        panic!("{needle} never mapped");
     }
 
     #[test]
