@@ -11,7 +11,7 @@ SUDO=""
 missing=0
 # qemu-system-x86 7.2 is Debian 12's own QEMU: the "old" hypervisor.
 for cmd in qemu-system-x86_64 qemu-img cpio gcc ip unshare nsenter pkg-config systemctl python3 pgrep \
-  checkmodule semodule_package semodule_link semodule_expand m4 shellcheck; do
+  checkmodule semodule_package semodule_link semodule_expand m4 shellcheck promtool; do
   command -v "$cmd" >/dev/null 2>&1 || missing=1
 done
 [ -e /usr/share/seabios/bios-256k.bin ] || missing=1
@@ -37,7 +37,7 @@ if [ "$missing" = 1 ]; then
     --no-install-recommends --allow-downgrades \
     qemu-system-x86 "$utils" seabios ipxe-qemu cpio gcc libc6-dev iproute2 util-linux kmod xz-utils \
     libsystemd-dev pkg-config systemd python3 python3-venv procps \
-    selinux-policy-dev checkpolicy semodule-utils policycoreutils bzip2 shellcheck
+    selinux-policy-dev checkpolicy semodule-utils policycoreutils bzip2 shellcheck prometheus
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

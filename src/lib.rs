@@ -10,6 +10,7 @@
 //! - [`qmp`]: QMP client on top of the `qapi` crate, tolerant of newer QEMUs.
 //! - [`console`]: the per-domain console log and its live follower.
 //! - [`migration`]: phases, job, capability table, hooks, recovery rules.
+//! - [`metrics`]: the migration tally and the Prometheus text format.
 //! - [`upgrade`]: stale detection and batch upgrade runs.
 //! - [`api`]: the request/response protocol and the client.
 //! - [`agent`]: the daemon: config, socket server, startup re-adoption and
@@ -25,6 +26,7 @@ pub mod domain;
 pub mod error;
 pub mod fsutil;
 pub mod instance;
+pub mod metrics;
 pub mod migration;
 pub mod qmp;
 pub mod upgrade;

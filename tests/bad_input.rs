@@ -53,6 +53,20 @@ fn malformed_and_oversized_requests_get_errors_and_agent_keeps_serving() {
             "{a}"
         );
     }
+    // an upgrade summary that is not one, or a dry run's: refused, and
+    // the metrics keep no last run
+    for bad in [
+        json!({"op": "record-upgrade", "summary": {"selected": -1}}),
+        json!({"op": "record-upgrade", "summary": {"dry_run": true, "failed": 0,
+            "failed_domains": [], "parallel": 1, "selected": 0, "succeeded": 0,
+            "unchecked": [], "wall_ms": 1}}),
+    ] {
+        let err = rig.try_call(&bad).unwrap_err();
+        assert_eq!(err["kind"], "bad-request", "{bad}: {err}");
+    }
+    let m = rig.try_call(&json!({"op": "metrics"})).unwrap();
+    assert_eq!(m["tally"]["last_upgrade"], serde_json::Value::Null, "{m}");
+
     // same connection still works
     let a = answer(&mut w, b"{\"op\":\"ping\"}\n");
     assert_eq!(a["ok"], true);

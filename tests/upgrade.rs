@@ -36,6 +36,46 @@ fn stale(rig: &Rig) -> Vec<Value> {
         .clone()
 }
 
+/// `qlive metrics`, checked by `promtool check metrics` (Debian's
+/// prometheus package), as `series -> value` (`name{labels}` as printed).
+fn metrics(rig: &Rig) -> std::collections::BTreeMap<String, f64> {
+    let text = rig.ok(&["metrics"]);
+    promtool_check(&text);
+    parse_exposition(&text)
+}
+
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    let mut p = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; make deps installs it)");
+    p.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let o = p.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn parse_exposition(text: &str) -> std::collections::BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, v) = l.rsplit_once(' ').unwrap_or_else(|| panic!("{l}"));
+            (
+                series.to_string(),
+                v.parse().unwrap_or_else(|_| panic!("{l}")),
+            )
+        })
+        .collect()
+}
+
 fn json_lines(out: &[u8]) -> Vec<Value> {
     String::from_utf8_lossy(out)
         .lines()
@@ -45,7 +85,7 @@ fn json_lines(out: &[u8]) -> Vec<Value> {
 
 #[test]
 fn upgrade_stale_in_parallel_continues_past_a_failure() {
-    let rig = Rig::new();
+    let mut rig = Rig::new();
     let emu = qemu_prefix(&rig);
     for n in ["a", "b", "c"] {
         rig.define_guest(n, 256, json!({"emulator": emu, "cmdline": "console=ttyS0 quiet panic=-1 no_timer_check qlive.pattern_mib=16"}));
@@ -79,6 +119,20 @@ fn upgrade_stale_in_parallel_continues_past_a_failure() {
         text.contains("STALE") && text.contains("executable replaced"),
         "{text}"
     );
+
+    let m = metrics(&rig);
+    assert_eq!(m["qlive_agent_up"], 1.0);
+    assert_eq!(m[r#"qlive_domains{state="running"}"#], 3.0);
+    for n in ["a", "b", "c"] {
+        assert_eq!(m[&format!(r#"qlive_domain_stale{{domain="{n}"}}"#)], 1.0);
+        let why = format!(
+            r#"qlive_domain_stale_reason{{domain="{n}",kind="exe-replaced",path="{}"}}"#,
+            emu.display()
+        );
+        assert_eq!(m.get(&why), Some(&1.0), "{why} in {m:?}");
+    }
+    assert_eq!(m[r#"qlive_migrations_total{result="succeeded"}"#], 0.0);
+    assert!(!m.keys().any(|k| k.starts_with("qlive_upgrade_last_run")));
 
     // dry run: preflight only, nothing moves
     let o = rig.qlive(&["upgrade", "--stale", "--dry-run", "--json"]);
@@ -151,11 +205,72 @@ fn upgrade_stale_in_parallel_continues_past_a_failure() {
     }
     assert_eq!(rig.qemu_pids().len(), 3, "exactly one instance per domain");
 
+    // the metrics tell the same story: the dry run was no upgrade run
+    let m = metrics(&rig);
+    assert_eq!(m[r#"qlive_migrations_total{result="succeeded"}"#], 2.0);
+    assert_eq!(m[r#"qlive_migrations_total{result="failed"}"#], 1.0);
+    assert_eq!(m["qlive_migration_duration_seconds_count"], 2.0);
+    assert_eq!(m["qlive_migration_qemu_downtime_seconds_count"], 2.0);
+    assert!(
+        m["qlive_migration_qemu_downtime_seconds_sum"] < 2.0,
+        "{m:?}"
+    );
+    assert_eq!(m["qlive_upgrade_last_run_success"], 0.0);
+    assert_eq!(
+        m[r#"qlive_upgrade_last_run_domains{result="selected"}"#],
+        3.0
+    );
+    assert_eq!(m[r#"qlive_upgrade_last_run_domains{result="failed"}"#], 1.0);
+    assert_eq!(
+        m[r#"qlive_upgrade_last_run_failed_domain{domain="c"}"#],
+        1.0
+    );
+    assert_eq!(m[r#"qlive_domain_stale{domain="a"}"#], 0.0);
+    assert_eq!(m[r#"qlive_domain_stale{domain="c"}"#], 1.0);
+
+    // counters and the last run survive an agent restart
+    let started = m["qlive_agent_start_time_seconds"];
+    let since = m["qlive_metrics_start_time_seconds"];
+    std::thread::sleep(Duration::from_millis(1100));
+    rig.restart_agent();
+    let m = metrics(&rig);
+    assert!(m["qlive_agent_start_time_seconds"] > started, "{m:?}");
+    assert_eq!(m["qlive_metrics_start_time_seconds"], since);
+    assert_eq!(m[r#"qlive_migrations_total{result="succeeded"}"#], 2.0);
+    assert_eq!(m["qlive_upgrade_last_run_success"], 0.0);
+
     // the hook is fixed: the next run moves c and exits 0
     std::fs::remove_file(rig.hooks.join("50-port")).unwrap();
     let out = rig.ok(&["upgrade", "--stale"]);
     assert!(out.contains("1/1 upgraded"), "{out}");
     assert!(stale(&rig).iter().all(|d| d["stale"] == false));
+    let m = metrics(&rig);
+    assert_eq!(m[r#"qlive_migrations_total{result="succeeded"}"#], 3.0);
+    assert_eq!(m["qlive_upgrade_last_run_success"], 1.0);
+    assert_eq!(
+        m[r#"qlive_upgrade_last_run_domains{result="selected"}"#],
+        1.0
+    );
+    assert!(!m
+        .keys()
+        .any(|k| k.starts_with("qlive_upgrade_last_run_failed_domain{")));
+
+    // the textfile the timer writes; with the agent down it says so
+    let prom = rig.dir.path().join("qlive.prom");
+    rig.ok(&["metrics", "--output", prom.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&prom).unwrap();
+    promtool_check(&text);
+    assert_eq!(parse_exposition(&text)["qlive_agent_up"], 1.0);
+    rig.kill_agent();
+    let (code, err) = rig.fails(&["metrics", "--output", prom.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    let text = std::fs::read_to_string(&prom).unwrap();
+    promtool_check(&text);
+    assert_eq!(
+        parse_exposition(&text),
+        [("qlive_agent_up".to_string(), 0.0)].into()
+    );
+    rig.start_agent();
     for n in ["a", "b", "c"] {
         rig.ok(&["destroy", n]);
     }

@@ -7,7 +7,7 @@
 //! mid-way cannot cancel it between two phases; `abort` is the way to stop
 //! one, and only until switchover.
 
-use super::{Agent, AgentError, Domain, Run};
+use super::{now_unix, Agent, AgentError, Domain, Run};
 use crate::api;
 use crate::domain::{Definition, DefinitionError, TableError};
 use crate::instance::cmdline::StartMode;
@@ -15,19 +15,13 @@ use crate::instance::domid::DomidError;
 use crate::instance::paths::InstancePaths;
 use crate::instance::probe::{EmulatorInfo, ProbeError};
 use crate::instance::{self, Instance, SpawnSpec};
+use crate::metrics::MigrationResult;
 use crate::migration::engine::{self, Host, Request};
 use crate::migration::job::Job;
 use crate::migration::MigrationError;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 /// The engine's handle on one domain of the agent.
 pub(super) struct DomainHost {
@@ -278,7 +272,8 @@ impl Agent {
             &dom.name,
         ))
         .exists();
-        let still_source = matches!(&st.run, Run::Running(i) if i.domid() == src_record.domid);
+        let src_domid = src_record.domid;
+        let still_source = matches!(&st.run, Run::Running(i) if i.domid() == src_domid);
         if let (Err(e), true, true) = (&res, job_kept, still_source) {
             // The engine itself failed (a bug) mid-way: which instance runs
             // the guest is not known. Leave it to recovery at the next agent
@@ -292,7 +287,23 @@ impl Agent {
                 ),
             };
         }
+        let result = match (&res, &st.run) {
+            (Ok(Ok(_)), _) => MigrationResult::Succeeded,
+            (_, Run::Running(i)) if i.domid() == src_domid => MigrationResult::Failed,
+            // The call failed and the guest runs (the engine never swaps
+            // to the destination and then fails; counted as failed if it did).
+            (_, Run::Running(_)) => MigrationResult::Failed,
+            (_, Run::Crashed { .. }) => MigrationResult::Crashed,
+            (_, Run::Unreachable { .. }) => MigrationResult::Unreachable,
+            (_, Run::ShutOff { .. }) => MigrationResult::Lost,
+        };
         drop(st);
+        let downtime_s = match &res {
+            Ok(Ok(r)) => r.qemu_downtime_ms.map(|ms| ms as f64 / 1000.0),
+            _ => None,
+        };
+        let wall_s = started.elapsed().as_secs_f64();
+        self.count(|t| t.migration(result, wall_s, downtime_s));
         match res {
             Ok(Ok(report)) => Ok(migrated(report)),
             Ok(Err(source)) => Err(AgentError::Migration {

@@ -220,7 +220,19 @@ pub struct Agent {
     mcs: Mutex<crate::domain::mcs::McsTable>,
     /// The resolved `qemu_user`.
     pub(crate) qemu_user: Option<crate::instance::runas::QemuUser>,
+    /// What `metrics` reports (crate::metrics), kept in `<state>/metrics.json`.
+    tally: Mutex<crate::metrics::TallyStore>,
+    /// When this agent process opened its state (Unix seconds).
+    started_at_s: u64,
     _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Now, in Unix seconds (0 if the clock is before 1970).
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -272,6 +284,11 @@ impl Agent {
                 source,
             }
         })?;
+        let started_at_s = now_unix();
+        let (tally, tally_err) = crate::metrics::TallyStore::open(&cfg.state_dir, started_at_s);
+        if let Some(e) = tally_err {
+            tracing::warn!(error = %crate::error::chain(&e), "metrics: counting starts again from zero");
+        }
         let agent = Arc::new(Agent {
             cfg,
             store,
@@ -280,10 +297,22 @@ impl Agent {
             probes: ProbeCache::default(),
             mcs: Mutex::new(mcs),
             qemu_user,
+            tally: Mutex::new(tally),
+            started_at_s,
             _lock: lock,
         });
         recover::recover(&agent).await?;
         Ok(agent)
+    }
+
+    /// Change the tally and write it; a failed write is logged (metrics
+    /// never fail an operation) and retried with the next change.
+    fn count(&self, f: impl FnOnce(&mut crate::metrics::Tally)) {
+        let mut t = self.tally.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut t.tally);
+        if let Err(e) = t.save() {
+            tracing::warn!(error = %crate::error::chain(&e), "metrics not saved");
+        }
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, DomainTable<Arc<Domain>, Arc<Instance>>> {

@@ -63,11 +63,52 @@ impl Agent {
             Request::Preflight { name, emulator } => {
                 answer(&self.preflight_op(&name, emulator).await?)
             }
+            Request::Metrics {} => answer(&self.metrics()),
+            Request::RecordUpgrade { summary } => answer(&self.record_upgrade(summary)?),
             // Streaming; handled by the server before it gets here.
             Request::Console { .. } => Err(AgentError::InvalidState(
                 "console is a streaming call".into(),
             )),
         }
+    }
+
+    fn metrics(&self) -> api::Metrics {
+        api::Metrics {
+            agent_started_at_s: self.started_at_s,
+            tally: self
+                .tally
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .tally
+                .clone(),
+        }
+    }
+
+    /// Keep an upgrade run's summary as the last one. A dry run moved
+    /// nothing and is refused, so the last run is always a real one.
+    fn record_upgrade(&self, s: api::UpgradeSummary) -> Result<api::Recorded, AgentError> {
+        if s.dry_run {
+            return Err(AgentError::BadRequest(
+                "a dry run is not recorded as an upgrade run".into(),
+            ));
+        }
+        let last = crate::metrics::LastUpgrade {
+            finished_at_s: super::now_unix(),
+            selected: s.selected as u64,
+            succeeded: s.succeeded as u64,
+            failed: s.failed as u64,
+            failed_domains: s.failed_domains,
+            unchecked: s.unchecked,
+            wall_ms: s.wall_ms,
+        };
+        tracing::info!(
+            selected = last.selected,
+            succeeded = last.succeeded,
+            failed = last.failed,
+            "upgrade run recorded"
+        );
+        self.count(|t| t.last_upgrade = Some(last));
+        Ok(api::Recorded { recorded: true })
     }
 
     async fn define(self: &Arc<Self>, v: &Value) -> Result<api::Defined, AgentError> {

@@ -75,6 +75,13 @@ pub enum Request {
         #[serde(default)]
         emulator: Option<std::path::PathBuf>,
     },
+    /// What the agent has counted (migrations by result, their duration and
+    /// QEMU downtime, the last upgrade run); read-only. `qlive metrics`
+    /// renders it with `list` and `stale` in the Prometheus text format.
+    Metrics {},
+    /// `qlive upgrade` reports its summary when a run (not a dry run)
+    /// ends; the agent keeps it as the last upgrade run.
+    RecordUpgrade { summary: UpgradeSummary },
 }
 
 impl Request {
@@ -94,6 +101,8 @@ impl Request {
             Request::Abort { .. } => "abort",
             Request::Stale {} => "stale",
             Request::Preflight { .. } => "preflight",
+            Request::Metrics {} => "metrics",
+            Request::RecordUpgrade { .. } => "record-upgrade",
         }
     }
 }

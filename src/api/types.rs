@@ -397,6 +397,21 @@ pub struct UpgradeSummary {
     pub wall_ms: u64,
 }
 
+/// `metrics`: the agent's tally (see [`crate::metrics`]) and when this
+/// agent process started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Unix seconds.
+    pub agent_started_at_s: u64,
+    pub tally: crate::metrics::Tally,
+}
+
+/// `record-upgrade`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recorded {
+    pub recorded: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -464,6 +479,8 @@ mod tests {
             "abort",
             "stale",
             "preflight",
+            "metrics",
+            "record-upgrade",
         ] {
             assert!(
                 by_shape.contains_key(shape),
@@ -492,6 +509,12 @@ mod tests {
                 again::<Vec<ListEntry>>(r)?;
                 "list"
             }
+        } else if has("tally") {
+            again::<Metrics>(r)?;
+            "metrics"
+        } else if has("recorded") {
+            again::<Recorded>(r)?;
+            "record-upgrade"
         } else if has("version") {
             again::<Pong>(r)?;
             "ping"

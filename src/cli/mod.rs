@@ -6,6 +6,7 @@
 //! Exit codes: 0 success; 1 the operation failed (the agent said why);
 //! 2 usage error or the agent could not be reached.
 
+mod metrics;
 mod output;
 
 use crate::api::client::{self, Client, ClientError};
@@ -130,6 +131,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The agent's state in the Prometheus text format (domains, stale
+    /// domains, migrations, the last upgrade run).
+    /// Exit: 0 written, 2 agent unreachable (then `qlive_agent_up 0`).
+    Metrics {
+        /// Write it here (temporary file + rename, mode 0644) instead of
+        /// stdout: for node_exporter's textfile collector.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
 }
 
 /// Exit code of a failed client call.
@@ -170,6 +180,7 @@ pub async fn run(cli: Cli) -> i32 {
             }
         }
         Command::Console { name } => console(&cli.socket, name).await,
+        Command::Metrics { output } => metrics::run(&cli.socket, output.as_deref()).await,
         Command::Upgrade {
             names,
             all,
@@ -239,7 +250,10 @@ pub async fn run(cli: Cli) -> i32 {
                     Request::Info { name },
                     if json { Show::Json } else { Show::Info },
                 ),
-                Command::Agent { .. } | Command::Console { .. } | Command::Upgrade { .. } => {
+                Command::Agent { .. }
+                | Command::Console { .. }
+                | Command::Upgrade { .. }
+                | Command::Metrics { .. } => {
                     unreachable!("handled above")
                 }
             };

@@ -253,20 +253,31 @@ async fn run_inner(socket: &Path, o: Options) -> Result<i32, UpgradeError> {
     } else {
         "upgraded"
     };
-    if o.json {
-        let summary = UpgradeSummaryLine {
-            summary: UpgradeSummary {
-                selected: total,
-                succeeded: ok,
-                failed: failed.len(),
-                failed_domains: failed.clone(),
-                unchecked: unchecked.iter().map(|u| u.0.clone()).collect(),
-                dry_run: o.dry_run,
-                parallel: o.parallel,
-                wall_ms,
-            },
+    let summary = UpgradeSummary {
+        selected: total,
+        succeeded: ok,
+        failed: failed.len(),
+        failed_domains: failed.clone(),
+        unchecked: unchecked.iter().map(|u| u.0.clone()).collect(),
+        dry_run: o.dry_run,
+        parallel: o.parallel,
+        wall_ms,
+    };
+    if !o.dry_run {
+        // The agent keeps it for `qlive metrics`; the run's outcome does
+        // not depend on it.
+        let req = Request::RecordUpgrade {
+            summary: summary.clone(),
         };
-        println!("{}", json_line(&summary));
+        if let Err(e) = client::call(socket, &req).await {
+            eprintln!(
+                "qlive upgrade: the agent did not record this run for its metrics: {}",
+                crate::error::chain(&e)
+            );
+        }
+    }
+    if o.json {
+        println!("{}", json_line(&UpgradeSummaryLine { summary }));
     } else if failed.is_empty() {
         println!("{ok}/{total} {verb} in {wall_ms} ms");
     } else {
