@@ -324,7 +324,7 @@ fn record(s: &mut Samples, watch: &HbWatch, t0: Instant, t_cont: Instant, stats:
 
 async fn bench_floor(mib: u64, runs: usize) -> Samples {
     let mut d = Direct::new(mib);
-    let ram = Arc::new(GuestRam::create("bench", mib << 20).expect("memfd"));
+    let ram = Arc::new(GuestRam::create("bench", mib << 20, None).expect("memfd"));
     let mut src = d.spawn_shared(&ram, StartMode::Boot).await;
     src.qmp.cont().await.expect("cont");
     let log = d.log.clone();

@@ -30,7 +30,7 @@ async fn two_instances_of_one_domain_do_not_clash() {
     .unwrap();
     let run = dir.path().join("run");
     let log = dir.path().join("console.log");
-    let ram = Arc::new(GuestRam::create("twin", def.memory_bytes()).unwrap());
+    let ram = Arc::new(GuestRam::create("twin", def.memory_bytes(), None).unwrap());
     let spec = |domid, mode| SpawnSpec {
         def: &def,
         domid,

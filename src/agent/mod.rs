@@ -93,6 +93,13 @@ impl AgentError {
             AgentError::Table(TableError::NotFound(_)) => ErrorKind::NotFound,
             AgentError::Table(TableError::RemoteTaken(_)) => ErrorKind::Busy,
             AgentError::Table(_) => ErrorKind::AlreadyExists,
+            AgentError::Start {
+                source:
+                    InstanceError::Memory(crate::instance::memory::MemoryError::NotEnoughHugePages {
+                        ..
+                    }),
+                ..
+            } => ErrorKind::InsufficientResources,
             AgentError::Probe(_) | AgentError::Start { .. } => ErrorKind::Emulator,
             AgentError::InvalidState(_) => ErrorKind::InvalidState,
             AgentError::Busy(_) => ErrorKind::Busy,

@@ -262,11 +262,17 @@ impl Agent {
                 }
             }
         };
+        let start_err = |e: crate::instance::memory::MemoryError| AgentError::Start {
+            name: dom.name.clone(),
+            source: e.into(),
+        };
+        if let Some(h) = st.def.hugepages {
+            crate::instance::memory::check_huge_pages(h, st.def.memory_bytes())
+                .map_err(start_err)?;
+        }
         let ram = Arc::new(
-            GuestRam::create(&dom.name, st.def.memory_bytes()).map_err(|e| AgentError::Start {
-                name: dom.name.clone(),
-                source: e.into(),
-            })?,
+            GuestRam::create(&dom.name, st.def.memory_bytes(), st.def.hugepages)
+                .map_err(start_err)?,
         );
         // The taps live as long as this run of the domain: every instance
         // gets the same fds, so a migration never recreates the device.
@@ -628,6 +634,7 @@ impl Agent {
             accel: def.accel.as_str().into(),
             vcpus: def.vcpus,
             memory_mib: def.memory_mib,
+            hugepages: def.hugepages.map(|h| h.as_str().to_string()),
             disks: def
                 .disks
                 .iter()

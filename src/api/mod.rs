@@ -119,6 +119,8 @@ pub enum ErrorKind {
     InvalidState,
     Busy,
     PermissionDenied,
+    /// The host lacks what the domain needs to start (free huge pages).
+    InsufficientResources,
     Emulator,
     MigrationFailed,
     Internal,

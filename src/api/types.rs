@@ -117,6 +117,9 @@ pub struct DomainInfo {
     pub accel: String,
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// `2M` or `1G` when guest RAM is on huge pages; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugepages: Option<String>,
     pub disks: Vec<DiskInfo>,
     pub nics: Vec<NicInfo>,
     pub selinux: SelinuxInfo,
@@ -568,6 +571,7 @@ mod tests {
             accel: "auto".into(),
             vcpus: 1,
             memory_mib: 256,
+            hugepages: None,
             disks: vec![],
             nics: vec![NicInfo {
                 mac: Some("52:54:00:00:00:01".into()),

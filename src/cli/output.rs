@@ -145,7 +145,7 @@ fn info(v: &DomainInfo) -> String {
             .map(|j| j.to_string())
             .unwrap_or_else(|e| format!("({e})"))
     });
-    let fields: [(&str, Option<String>); 14] = [
+    let fields: [(&str, Option<String>); 15] = [
         ("name", Some(v.name.clone())),
         ("uuid", Some(v.uuid.to_string())),
         ("state", Some(v.state.clone())),
@@ -158,6 +158,7 @@ fn info(v: &DomainInfo) -> String {
         ("accel", Some(v.accel.clone())),
         ("vcpus", Some(v.vcpus.to_string())),
         ("memory_mib", Some(v.memory_mib.to_string())),
+        ("hugepages", v.hugepages.clone()),
         ("console_log", Some(v.console_log.display().to_string())),
         ("job", Some(opt(job))),
     ];

@@ -100,6 +100,40 @@ impl Accel {
     }
 }
 
+/// Huge page size for guest RAM (`hugepages`): a hugetlb memfd of pages of
+/// this size instead of a plain one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HugePages {
+    #[serde(rename = "2M")]
+    Size2M,
+    #[serde(rename = "1G")]
+    Size1G,
+}
+
+impl HugePages {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HugePages::Size2M => "2M",
+            HugePages::Size1G => "1G",
+        }
+    }
+
+    pub fn bytes(self) -> u64 {
+        match self {
+            HugePages::Size2M => 2 << 20,
+            HugePages::Size1G => 1 << 30,
+        }
+    }
+
+    /// The pool's directory under `/sys/kernel/mm/hugepages/`.
+    pub fn sysfs_name(self) -> &'static str {
+        match self {
+            HugePages::Size2M => "hugepages-2048kB",
+            HugePages::Size1G => "hugepages-1048576kB",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DiskFormat {
@@ -270,6 +304,10 @@ pub struct Definition {
     #[serde(default = "default_vcpus")]
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// Guest RAM on huge pages of this size (`2M` or `1G`) from the host's
+    /// pool; `memory_mib` must be a multiple of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugepages: Option<HugePages>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -444,6 +482,19 @@ impl Definition {
                     self.memory_mib
                 ),
             ));
+        }
+        if let Some(h) = self.hugepages {
+            let page_mib = h.bytes() >> 20;
+            if self.memory_mib % page_mib != 0 {
+                return Err(DefinitionError::invalid(
+                    "memory_mib",
+                    format!(
+                        "must be a multiple of the {} huge page ({page_mib} MiB) with `hugepages` (got {})",
+                        h.as_str(),
+                        self.memory_mib
+                    ),
+                ));
+            }
         }
         if let Some(k) = &self.kernel {
             check_abs_path("kernel", k)?;
@@ -643,6 +694,29 @@ mod tests {
         for a in [DiskAio::Threads, DiskAio::Native, DiskAio::IoUring] {
             assert_eq!(name(serde_json::json!(a)), a.as_str());
         }
+        for h in [HugePages::Size2M, HugePages::Size1G] {
+            assert_eq!(name(serde_json::json!(h)), h.as_str());
+        }
+    }
+
+    #[test]
+    fn hugepages_need_whole_pages() {
+        let mut v = base();
+        v["hugepages"] = "2M".into();
+        assert_eq!(
+            Definition::from_value(&v).unwrap().hugepages,
+            Some(HugePages::Size2M)
+        );
+        v["memory_mib"] = 257.into();
+        let e = err(v.clone());
+        assert!(e.contains("`memory_mib`") && e.contains("2 MiB"), "{e}");
+        v["memory_mib"] = 512.into();
+        v["hugepages"] = "1G".into();
+        let e = err(v.clone());
+        assert!(e.contains("1024 MiB"), "{e}");
+        v["hugepages"] = "4K".into();
+        let e = err(v);
+        assert!(e.contains("hugepages"), "{e}");
     }
 
     fn err(v: serde_json::Value) -> String {
