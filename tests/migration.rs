@@ -160,6 +160,79 @@ fn migrate_same_binary_then_to_newer_qemu() {
     rig.ok(&["destroy", "mig"]);
 }
 
+/// `/proc/PID/cmdline` of a running instance, joined with spaces.
+fn qemu_cmdline(pid: i32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+#[test]
+fn cpu_model_and_topology_are_pinned_and_kept_across_qemu_versions() {
+    let rig = Rig::new();
+    rig.define_guest(
+        "cpu",
+        256,
+        json!({"cpu": "qemu64", "vcpus": 2, "topology": {"sockets": 1, "cores": 2, "threads": 1}}),
+    );
+    rig.ok(&["start", "cpu"]);
+    // pinned at the first start, in the stored definition and on the
+    // command line of this and every later instance
+    let i = rig.info("cpu");
+    assert_eq!(i["cpu"], "qemu64-v1", "{i}");
+    let stored: Value =
+        serde_json::from_slice(&std::fs::read(rig.state.join("domains/cpu.json")).unwrap())
+            .unwrap();
+    assert_eq!(stored["definition"]["cpu"], "qemu64-v1", "{stored}");
+    let cmd = qemu_cmdline(pid_of(&i));
+    assert!(
+        cmd.contains("-cpu qemu64-v1 -smp 2,sockets=1,cores=2,threads=1 "),
+        "{cmd}"
+    );
+    rig.wait_heartbeat_past("cpu", 100, BOOT);
+    let r = rig.migrate("cpu", &["--emulator", new_qemu().to_str().expect("utf8")]);
+    assert_eq!(r["result"], "success", "{r}");
+    let cmd = qemu_cmdline(r["to"]["pid"].as_i64().unwrap() as i32);
+    assert!(
+        cmd.contains("-cpu qemu64-v1 -smp 2,sockets=1,cores=2,threads=1 "),
+        "{cmd}"
+    );
+    let hb = rig.heartbeat("cpu").last;
+    rig.wait_heartbeat_past("cpu", hb + 200, Duration::from_secs(30))
+        .assert_intact("cpu");
+
+    // `max` is not portable across QEMU versions: the preflight passes and
+    // says so
+    rig.define_guest("max", 128, json!({"cpu": "max"}));
+    rig.ok(&["start", "max"]);
+    assert_eq!(rig.info("max")["cpu"], "max");
+    let p = rig
+        .try_call(&json!({"op": "preflight", "name": "max", "emulator": new_qemu()}))
+        .unwrap();
+    assert_eq!(p["ok"], true, "{p}");
+    let notes = p["notes"].to_string();
+    assert!(
+        notes.contains("not the same CPU in every QEMU version"),
+        "{p}"
+    );
+    let p = rig
+        .try_call(&json!({"op": "preflight", "name": "cpu"}))
+        .unwrap();
+    assert_eq!(p.get("notes"), None, "a versioned model needs no note: {p}");
+
+    // a model the emulator does not have: refused at start, naming the field
+    rig.define_guest("bogus", 128, json!({"cpu": "Pentium-9000"}));
+    let e = rig
+        .try_call(&json!({"op": "start", "name": "bogus"}))
+        .unwrap_err();
+    assert_eq!(e["kind"], "invalid-definition", "{e}");
+    let m = e["message"].as_str().unwrap_or("");
+    assert!(m.contains("`cpu`") && m.contains("Pentium-9000"), "{m}");
+    for n in ["cpu", "max"] {
+        rig.ok(&["destroy", n]);
+    }
+}
+
 #[test]
 fn four_gib_guest_sends_under_one_mib() {
     let rig = Rig::new();

@@ -190,6 +190,10 @@ impl Agent {
             dom: dom.clone(),
         };
         let verdict = engine::preflight(&host, &def, &target, &rec).await;
+        let notes = verdict
+            .as_ref()
+            .map(|info| crate::migration::preflight::notes(info, &def))
+            .unwrap_or_default();
         Ok(api::Preflight {
             name: dom.name.clone(),
             domid: rec.domid,
@@ -203,6 +207,7 @@ impl Agent {
             },
             ok: verdict.is_ok(),
             reason: verdict.err().map(|e| crate::error::chain(&e)),
+            notes,
         })
     }
 

@@ -227,13 +227,27 @@ impl Agent {
         }
         let t0 = std::time::Instant::now();
         let info = self.probes.get(&st.def.emulator).await?;
-        // Pin the machine type on first start: guest ABI from now on.
+        // Pin the machine type and the CPU model on first start: guest ABI
+        // from now on.
         let machine = info.resolve_machine(&st.def.machine)?;
-        if machine != st.def.machine {
+        let cpu = match &st.def.cpu {
+            Some(c) => Some(info.resolve_cpu(c).map_err(|e| DefinitionError::Invalid {
+                field: "cpu".into(),
+                reason: e.to_string(),
+            })?),
+            None => None,
+        };
+        if machine != st.def.machine || cpu != st.def.cpu {
             let mut pinned = st.def.clone();
             pinned.machine = machine.clone();
+            pinned.cpu = cpu.clone();
             self.store.save(&pinned)?;
-            tracing::info!(domain = %dom.name, alias = %st.def.machine, %machine, "machine type pinned");
+            if machine != st.def.machine {
+                tracing::info!(domain = %dom.name, alias = %st.def.machine, %machine, "machine type pinned");
+            }
+            if cpu != st.def.cpu {
+                tracing::info!(domain = %dom.name, model = ?st.def.cpu, pinned = ?cpu, "CPU model pinned");
+            }
             st.def = pinned;
         }
         for (field, p) in [("kernel", &st.def.kernel), ("initrd", &st.def.initrd)] {
@@ -633,6 +647,7 @@ impl Agent {
             machine: def.machine.clone(),
             accel: def.accel.as_str().into(),
             vcpus: def.vcpus,
+            cpu: def.cpu.clone(),
             memory_mib: def.memory_mib,
             hugepages: def.hugepages.map(|h| h.as_str().to_string()),
             disks: def

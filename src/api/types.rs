@@ -116,6 +116,10 @@ pub struct DomainInfo {
     /// Running: `kvm` or `tcg`; otherwise the definition's (maybe `auto`).
     pub accel: String,
     pub vcpus: u32,
+    /// The definition's CPU model (pinned to its versioned name at the
+    /// first start); absent for QEMU's default model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
     pub memory_mib: u64,
     /// `2M` or `1G` when guest RAM is on huge pages; absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -270,6 +274,10 @@ pub struct Preflight {
     pub ok: bool,
     /// Why it does not (`null` when `ok`).
     pub reason: Option<String>,
+    /// What to know about a migration that passes (a CPU model that
+    /// differs between QEMU versions); absent when there is nothing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// `preflight.from` and `.to`: an emulator and its QEMU version.
@@ -570,6 +578,7 @@ mod tests {
             machine: "q35".into(),
             accel: "auto".into(),
             vcpus: 1,
+            cpu: None,
             memory_mib: 256,
             hugepages: None,
             disks: vec![],

@@ -145,7 +145,7 @@ fn info(v: &DomainInfo) -> String {
             .map(|j| j.to_string())
             .unwrap_or_else(|e| format!("({e})"))
     });
-    let fields: [(&str, Option<String>); 15] = [
+    let fields: [(&str, Option<String>); 16] = [
         ("name", Some(v.name.clone())),
         ("uuid", Some(v.uuid.to_string())),
         ("state", Some(v.state.clone())),
@@ -157,6 +157,7 @@ fn info(v: &DomainInfo) -> String {
         ("machine", Some(v.machine.clone())),
         ("accel", Some(v.accel.clone())),
         ("vcpus", Some(v.vcpus.to_string())),
+        ("cpu", v.cpu.clone()),
         ("memory_mib", Some(v.memory_mib.to_string())),
         ("hugepages", v.hugepages.clone()),
         ("console_log", Some(v.console_log.display().to_string())),

@@ -134,6 +134,17 @@ impl HugePages {
     }
 }
 
+/// How the vCPUs are laid out (guest ABI): `sockets * cores * threads`
+/// must be `vcpus`. Without it QEMU picks the layout, by the rules of the
+/// pinned machine type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    pub sockets: u32,
+    pub cores: u32,
+    pub threads: u32,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DiskFormat {
@@ -303,6 +314,8 @@ pub struct Definition {
     pub cpu: Option<String>,
     #[serde(default = "default_vcpus")]
     pub vcpus: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<Topology>,
     pub memory_mib: u64,
     /// Guest RAM on huge pages of this size (`2M` or `1G`) from the host's
     /// pool; `memory_mib` must be a multiple of it.
@@ -473,6 +486,19 @@ impl Definition {
                 "vcpus",
                 format!("must be between 1 and {MAX_VCPUS} (got {})", self.vcpus),
             ));
+        }
+        if let Some(t) = self.topology {
+            let product = u64::from(t.sockets) * u64::from(t.cores) * u64::from(t.threads);
+            if t.sockets == 0 || t.cores == 0 || t.threads == 0 || product != u64::from(self.vcpus)
+            {
+                return Err(DefinitionError::invalid(
+                    "topology",
+                    format!(
+                        "sockets * cores * threads must be `vcpus` ({}), each at least 1 (got {} * {} * {})",
+                        self.vcpus, t.sockets, t.cores, t.threads
+                    ),
+                ));
+            }
         }
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
             return Err(DefinitionError::invalid(
@@ -697,6 +723,22 @@ mod tests {
         for h in [HugePages::Size2M, HugePages::Size1G] {
             assert_eq!(name(serde_json::json!(h)), h.as_str());
         }
+    }
+
+    #[test]
+    fn topology_must_multiply_to_vcpus() {
+        let mut v = base();
+        v["vcpus"] = 4.into();
+        v["topology"] = serde_json::json!({"sockets": 1, "cores": 2, "threads": 2});
+        let d = Definition::from_value(&v).unwrap();
+        assert_eq!(d.topology.map(|t| t.cores), Some(2));
+        v["topology"] = serde_json::json!({"sockets": 2, "cores": 2, "threads": 2});
+        let e = err(v.clone());
+        assert!(e.contains("`topology`") && e.contains("(4)"), "{e}");
+        v["topology"] = serde_json::json!({"sockets": 4, "cores": 1, "threads": 0});
+        assert!(err(v.clone()).contains("`topology`"));
+        v["topology"] = serde_json::json!({"sockets": 4, "cores": 1});
+        assert!(err(v).contains("topology"));
     }
 
     #[test]

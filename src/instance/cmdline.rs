@@ -74,7 +74,14 @@ pub fn build(
     if let Some(cpu) = &def.cpu {
         push(&["-cpu", cpu]);
     }
-    push(&["-smp", &def.vcpus.to_string()]);
+    let smp = match def.topology {
+        Some(t) => format!(
+            "{},sockets={},cores={},threads={}",
+            def.vcpus, t.sockets, t.cores, t.threads
+        ),
+        None => def.vcpus.to_string(),
+    };
+    push(&["-smp", &smp]);
     push(&["-m", &format!("{}M", def.memory_mib)]);
     push(&[
         "-object",
@@ -229,6 +236,34 @@ mod tests {
         assert!(j.contains("tap,id=qlive-net1,fd=5,"), "{j}");
         // the JSON blockdev keeps the comma path intact
         assert!(j.contains(r#""filename":"/img,with,commas.qcow2""#), "{j}");
+    }
+
+    #[test]
+    fn topology_goes_on_smp() {
+        let p = InstancePaths::new(Path::new("/run/q"), "vm", 5);
+        let j = |d: &Definition| {
+            s(&build(
+                d,
+                "pc-q35-7.2",
+                EffectiveAccel::Tcg,
+                &p,
+                StartMode::Boot,
+            ))
+            .join(" ")
+        };
+        let mut d = def();
+        assert!(j(&d).contains("-smp 1 "), "{}", j(&d));
+        d.vcpus = 4;
+        d.topology = Some(crate::domain::definition::Topology {
+            sockets: 2,
+            cores: 2,
+            threads: 1,
+        });
+        assert!(
+            j(&d).contains("-smp 4,sockets=2,cores=2,threads=1 "),
+            "{}",
+            j(&d)
+        );
     }
 
     #[test]

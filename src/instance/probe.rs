@@ -36,6 +36,8 @@ pub enum ProbeError {
     },
     #[error("emulator {path} does not support machine type {machine:?}")]
     NoMachine { path: PathBuf, machine: String },
+    #[error("emulator {path} does not know CPU model {model:?} (field `cpu`)")]
+    NoCpuModel { path: PathBuf, model: String },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -43,6 +45,20 @@ pub struct MachineType {
     pub name: String,
     #[serde(default)]
     pub alias: Option<String>,
+}
+
+/// One entry of `query-cpu-definitions`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CpuModel {
+    pub name: String,
+    /// The versioned model an unversioned name stands for (`EPYC` ->
+    /// `EPYC-v1` on the pc machine types).
+    #[serde(default, rename = "alias-of")]
+    pub alias_of: Option<String>,
+    /// QEMU's own word: the model's CPUID is fixed, the same in every
+    /// QEMU version (false for `host` and `max`).
+    #[serde(default, rename = "migration-safe")]
+    pub migration_safe: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,6 +70,9 @@ pub struct EmulatorInfo {
     /// Where this binary looks for firmware (`-L help`), in search order.
     #[serde(default)]
     pub data_dirs: Vec<PathBuf>,
+    /// The CPU models it has (`query-cpu-definitions`).
+    #[serde(default)]
+    pub cpu_models: Vec<CpuModel>,
 }
 
 impl EmulatorInfo {
@@ -70,6 +89,38 @@ impl EmulatorInfo {
             path: self.path.clone(),
             machine: m.to_string(),
         })
+    }
+
+    /// Resolve the model of a `cpu` value (`EPYC` or `EPYC,+x2apic`) to the
+    /// versioned model it stands for, keeping the flags: CPU models are
+    /// guest ABI, like machine types, and pinned on first start. `host`,
+    /// `max` and versioned models stay as they are. A model this binary
+    /// does not have is refused.
+    pub fn resolve_cpu(&self, cpu: &str) -> Result<String, ProbeError> {
+        let (model, flags) = match cpu.split_once(',') {
+            Some((m, f)) => (m, Some(f)),
+            None => (cpu, None),
+        };
+        let Some(m) = self.cpu_models.iter().find(|c| c.name == model) else {
+            return Err(ProbeError::NoCpuModel {
+                path: self.path.clone(),
+                model: model.to_string(),
+            });
+        };
+        let pinned = m.alias_of.as_deref().unwrap_or(model);
+        Ok(match flags {
+            Some(f) => format!("{pinned},{f}"),
+            None => pinned.to_string(),
+        })
+    }
+
+    /// The model of a `cpu` value is not the same CPU in every QEMU
+    /// version (`host`, `max`): QEMU says `migration-safe: false`.
+    pub fn cpu_is_version_dependent(&self, cpu: &str) -> bool {
+        let model = cpu.split(',').next().unwrap_or(cpu);
+        self.cpu_models
+            .iter()
+            .any(|c| c.name == model && c.migration_safe == Some(false))
     }
 
     pub fn has_migration_capability(&self, cap: &str) -> bool {
@@ -136,8 +187,9 @@ pub async fn probe(path: &Path) -> Result<EmulatorInfo, ProbeError> {
         let qmp = Qmp::handshake(stdout, stdin).await?;
         let machines = qmp.execute_raw("query-machines", None).await?;
         let caps = qmp.execute_raw("query-migrate-capabilities", None).await?;
+        let cpus = qmp.execute_raw("query-cpu-definitions", None).await?;
         let _ = qmp.quit().await;
-        Ok::<_, crate::qmp::QmpError>((qmp.version().clone(), machines, caps))
+        Ok::<_, crate::qmp::QmpError>((qmp.version().clone(), machines, caps, cpus))
     };
     let res = tokio::time::timeout(Duration::from_secs(30), talk).await;
     let no_qmp = |reason: String, stderr: String| ProbeError::NoQmp {
@@ -145,7 +197,7 @@ pub async fn probe(path: &Path) -> Result<EmulatorInfo, ProbeError> {
         reason,
         stderr,
     };
-    let (version, machines, caps) = match res {
+    let (version, machines, caps, cpus) = match res {
         Ok(Ok(v)) => v,
         other => {
             let _ = child.start_kill();
@@ -178,6 +230,7 @@ pub async fn probe(path: &Path) -> Result<EmulatorInfo, ProbeError> {
                 .collect()
         })
         .unwrap_or_default();
+    let cpu_models: Vec<CpuModel> = serde_json::from_value(cpus).unwrap_or_default();
     let data_dirs = data_dirs(path).await;
     Ok(EmulatorInfo {
         path: path.to_path_buf(),
@@ -185,6 +238,7 @@ pub async fn probe(path: &Path) -> Result<EmulatorInfo, ProbeError> {
         machines,
         migration_capabilities,
         data_dirs,
+        cpu_models,
     })
 }
 

@@ -21,6 +21,8 @@ pub enum PreflightError {
         version: String,
         capability: &'static str,
     },
+    #[error("QEMU {version} does not have the domain's CPU model {model}")]
+    CpuModelMissing { version: String, model: String },
     #[error("{0}")]
     Disks(String),
     #[error("the QEMU user's access to the definition's files")]
@@ -39,6 +41,7 @@ pub fn check(
             machine: def.machine.clone(),
         });
     }
+    check_cpu(info, def)?;
     for capability in params::required_capabilities() {
         if !info.has_migration_capability(capability) {
             return Err(PreflightError::CapabilityMissing {
@@ -50,5 +53,92 @@ pub fn check(
     super::devices::preflight_disks(def, &src.disks).map_err(PreflightError::Disks)
 }
 
+/// The target has the domain's (pinned) CPU model.
+fn check_cpu(info: &EmulatorInfo, def: &Definition) -> Result<(), PreflightError> {
+    if let Some(cpu) = &def.cpu {
+        let model = cpu.split(',').next().unwrap_or(cpu);
+        if !info.cpu_models.iter().any(|c| c.name == model) {
+            return Err(PreflightError::CpuModelMissing {
+                version: info.version.to_string(),
+                model: model.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What an operator should know about a migration to `info` that passes:
+/// a CPU model that is not the same CPU in every QEMU version (`host`,
+/// `max`; QEMU's `migration-safe: false`).
+pub fn notes(info: &EmulatorInfo, def: &Definition) -> Vec<String> {
+    let mut notes = Vec::new();
+    if let Some(cpu) = def
+        .cpu
+        .as_deref()
+        .filter(|c| info.cpu_is_version_dependent(c))
+    {
+        notes.push(format!(
+            "cpu `{cpu}` is not the same CPU in every QEMU version: QEMU {} may show the guest \
+             other CPU features than the QEMU it runs on; the guest keeps using what it found \
+             at boot (a named model such as `EPYC` is portable)",
+            info.version
+        ));
+    }
+    notes
+}
+
 /// What a passed preflight hands on: the target's probe.
 pub type Passed = Arc<EmulatorInfo>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> EmulatorInfo {
+        serde_json::from_value(serde_json::json!({
+            "path": "/q", "version": {"major": 10, "minor": 0, "micro": 2, "package": ""},
+            "machines": [], "migration_capabilities": [],
+            "cpu_models": [
+                {"name": "EPYC", "alias-of": "EPYC-v1", "migration-safe": true},
+                {"name": "EPYC-v1", "migration-safe": true},
+                {"name": "max", "migration-safe": false},
+            ],
+        }))
+        .unwrap()
+    }
+
+    fn def(cpu: Option<&str>) -> Definition {
+        let mut v = serde_json::json!({"name": "a", "emulator": "/q", "memory_mib": 64});
+        if let Some(c) = cpu {
+            v["cpu"] = c.into();
+        }
+        Definition::from_value(&v).unwrap()
+    }
+
+    #[test]
+    fn cpu_model_must_exist_on_the_target() {
+        check_cpu(&info(), &def(Some("EPYC-v1,+x2apic"))).unwrap();
+        check_cpu(&info(), &def(None)).unwrap();
+        let e = check_cpu(&info(), &def(Some("EPYC-v4"))).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "QEMU 10.0.2 does not have the domain's CPU model EPYC-v4"
+        );
+    }
+
+    #[test]
+    fn version_dependent_models_get_a_note() {
+        assert_eq!(notes(&info(), &def(Some("max"))).len(), 1);
+        assert!(notes(&info(), &def(Some("EPYC-v1"))).is_empty());
+        assert!(notes(&info(), &def(None)).is_empty());
+    }
+
+    #[test]
+    fn unversioned_models_resolve_and_keep_their_flags() {
+        let i = info();
+        assert_eq!(i.resolve_cpu("EPYC").unwrap(), "EPYC-v1");
+        assert_eq!(i.resolve_cpu("EPYC,+x2apic").unwrap(), "EPYC-v1,+x2apic");
+        assert_eq!(i.resolve_cpu("max").unwrap(), "max");
+        assert!(i.resolve_cpu("Pentium-9000").is_err());
+    }
+}
