@@ -180,6 +180,7 @@ impl Direct {
             mode,
             ram: ram.clone(),
             taps: Default::default(),
+            endpoints: Default::default(),
             labels: None,
             run_as: None,
             data_dirs: &[],

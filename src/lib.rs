@@ -8,6 +8,7 @@
 //! - [`domain`]: the validated definition, the on-disk store, the domain table.
 //! - [`instance`]: one QEMU process: paths, command line, spawn/adopt/kill, owned fds.
 //! - [`qmp`]: QMP client on top of the `qapi` crate, tolerant of newer QEMUs.
+//! - [`qga`]: a client of the guest agent, over the domain's stable socket.
 //! - [`console`]: the per-domain console log and its live follower.
 //! - [`migration`]: phases, job, capability table, hooks, recovery rules.
 //! - [`metrics`]: the migration tally and the Prometheus text format.
@@ -28,5 +29,6 @@ pub mod fsutil;
 pub mod instance;
 pub mod metrics;
 pub mod migration;
+pub mod qga;
 pub mod qmp;
 pub mod upgrade;

@@ -87,6 +87,7 @@ impl Host for DomainHost {
             mode: StartMode::Incoming,
             ram: src.ram.clone(),
             taps: src.taps.clone(),
+            endpoints: src.endpoints.clone(),
             labels,
             run_as: self.agent.qemu_user.as_ref(),
             data_dirs: &info.data_dirs,
@@ -135,12 +136,12 @@ impl Host for DomainHost {
     }
 
     async fn lost(&self, reason: String) {
-        self.agent.remove_status(&self.dom.name);
+        self.agent.remove_run_files(&self.dom.name);
         self.dom.state.lock().await.run = Run::ShutOff { reason };
     }
 
     async fn crashed(&self, reason: String) {
-        self.agent.remove_status(&self.dom.name);
+        self.agent.remove_run_files(&self.dom.name);
         self.dom.state.lock().await.run = Run::Crashed { reason };
     }
 

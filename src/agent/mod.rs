@@ -55,6 +55,12 @@ pub enum AgentError {
     Busy(String),
     #[error("{0}")]
     BadRequest(String),
+    #[error("the guest agent of domain {name}")]
+    GuestAgent {
+        name: String,
+        #[source]
+        source: crate::qga::QgaError,
+    },
     #[error("stopping domain {name}")]
     Stop {
         name: String,
@@ -104,6 +110,11 @@ impl AgentError {
             AgentError::InvalidState(_) => ErrorKind::InvalidState,
             AgentError::Busy(_) => ErrorKind::Busy,
             AgentError::BadRequest(_) => ErrorKind::BadRequest,
+            AgentError::GuestAgent {
+                source: crate::qga::QgaError::BadCommand(_),
+                ..
+            } => ErrorKind::BadRequest,
+            AgentError::GuestAgent { .. } => ErrorKind::GuestAgent,
             AgentError::Migration { .. } => ErrorKind::MigrationFailed,
             AgentError::Store(StoreError::BadName(_)) => ErrorKind::BadRequest,
             _ => ErrorKind::Internal,
@@ -385,11 +396,17 @@ impl Agent {
         Ok(Some(doc.instance))
     }
 
-    fn remove_status(&self, name: &str) {
+    /// The domain's run is over (no instance of it runs): remove its status
+    /// file and its stable sockets (crate::instance::endpoint).
+    fn remove_run_files(&self, name: &str) {
         let p = self.status_path(name);
         if let Err(e) = fsutil::remove_file_if_exists(&p) {
             tracing::warn!(path = %p.display(), error = %e, "removing status file");
         }
+        crate::instance::endpoint::unlink_socket(&crate::instance::paths::guest_agent_socket(
+            &self.cfg.run_dir,
+            name,
+        ));
     }
 
     pub fn domain_count(&self) -> usize {

@@ -64,12 +64,63 @@ impl Agent {
                 answer(&self.preflight_op(&name, emulator).await?)
             }
             Request::Metrics {} => answer(&self.metrics()),
+            Request::GuestAgent {
+                name,
+                command,
+                timeout_s,
+            } => {
+                let timeout = Duration::from_secs(bounded_timeout(
+                    timeout_s,
+                    api::DEFAULT_GUEST_AGENT_TIMEOUT_S,
+                )?);
+                answer(&self.guest_agent(&name, &command, timeout).await?)
+            }
             Request::RecordUpgrade { summary } => answer(&self.record_upgrade(summary)?),
             // Streaming; handled by the server before it gets here.
             Request::Console { .. } => Err(AgentError::InvalidState(
                 "console is a streaming call".into(),
             )),
         }
+    }
+
+    /// One command to the guest agent, on the domain's stable socket; the
+    /// domain lock is not held while the guest answers.
+    async fn guest_agent(
+        &self,
+        name: &str,
+        command: &Value,
+        timeout: Duration,
+    ) -> Result<api::GuestAgentAnswer, AgentError> {
+        let dom = self.lookup(name)?;
+        let socket = {
+            let st = dom.state.lock().await;
+            if !st.def.guest_agent {
+                return Err(AgentError::InvalidState(format!(
+                    "domain {} has no guest agent channel (define it with \"guest_agent\": true)",
+                    dom.name
+                )));
+            }
+            match &st.run {
+                Run::Running(i) => i.record.guest_agent.clone(),
+                _ => None,
+            }
+        };
+        let Some(socket) = socket else {
+            return Err(AgentError::InvalidState(format!(
+                "domain {} is not running",
+                dom.name
+            )));
+        };
+        let answer = crate::qga::execute(&socket, command, timeout)
+            .await
+            .map_err(|source| AgentError::GuestAgent {
+                name: dom.name.clone(),
+                source,
+            })?;
+        Ok(api::GuestAgentAnswer {
+            name: dom.name.clone(),
+            answer,
+        })
     }
 
     fn metrics(&self) -> api::Metrics {
@@ -302,12 +353,30 @@ impl Agent {
             taps.push(tap);
         }
         let taps = Arc::new(taps);
-        let domid = self.domids.allocate()?;
+        let endpoints = Arc::new(self.bind_endpoints(&st.def)?);
+        let domid = match self.domids.allocate() {
+            Ok(d) => d,
+            Err(e) => {
+                endpoints.unlink();
+                return Err(e.into());
+            }
+        };
         let paths = InstancePaths::new(&self.cfg.run_dir, &dom.name, domid);
         let console_log = self.console_log(&dom.name);
-        crate::fsutil::ensure_regular_or_absent(&console_log).map_err(|e| {
-            AgentError::InvalidState(format!("refusing to start {}: {e}", dom.name))
-        })?;
+        if let Err(e) = crate::fsutil::ensure_regular_or_absent(&console_log) {
+            endpoints.unlink();
+            return Err(AgentError::InvalidState(format!(
+                "refusing to start {}: {e}",
+                dom.name
+            )));
+        }
+        let labels = match self.selinux_labels(&dom.name) {
+            Ok(l) => l,
+            Err(e) => {
+                endpoints.unlink();
+                return Err(e.into());
+            }
+        };
         let inst = instance::spawn(SpawnSpec {
             def: &st.def,
             domid,
@@ -318,14 +387,18 @@ impl Agent {
             mode: StartMode::Boot,
             ram,
             taps,
-            labels: self.selinux_labels(&dom.name)?,
+            endpoints: endpoints.clone(),
+            labels,
             run_as: self.qemu_user.as_ref(),
             data_dirs: &info.data_dirs,
         })
         .await
-        .map_err(|source| AgentError::Start {
-            name: dom.name.clone(),
-            source,
+        .map_err(|source| {
+            endpoints.unlink();
+            AgentError::Start {
+                name: dom.name.clone(),
+                source,
+            }
         })?;
         let inst = Arc::new(inst);
         // From here on a failure must take the instance down again.
@@ -339,7 +412,7 @@ impl Agent {
         };
         if let Err(e) = activate.await {
             let _ = inst.terminate(DESTROY_GRACE).await;
-            self.remove_status(&dom.name);
+            self.remove_run_files(&dom.name);
             return Err(e);
         }
         st.run = Run::Running(inst.clone());
@@ -354,6 +427,52 @@ impl Agent {
             machine,
             accel: accel.as_str().into(),
         })
+    }
+
+    /// The domain's stable sockets for a new run (crate::instance::endpoint):
+    /// bound now, before any instance, in the domain's run directory.
+    fn bind_endpoints(
+        &self,
+        def: &Definition,
+    ) -> Result<crate::instance::endpoint::Endpoints, AgentError> {
+        let mut e = crate::instance::endpoint::Endpoints::default();
+        if def.guest_agent {
+            let path = crate::instance::paths::guest_agent_socket(&self.cfg.run_dir, &def.name);
+            let bound = crate::instance::endpoint::bound_path(&path);
+            if bound.as_os_str().len() > crate::instance::paths::MAX_SOCKET_PATH {
+                return Err(AgentError::Start {
+                    name: def.name.clone(),
+                    source: crate::instance::InstanceError::PathTooLong {
+                        path: bound,
+                        limit: crate::instance::paths::MAX_SOCKET_PATH,
+                    },
+                });
+            }
+            let dir = crate::instance::paths::domain_run_dir(&self.cfg.run_dir, &def.name);
+            let mode = if self.qemu_user.is_some() {
+                0o711
+            } else {
+                0o700
+            };
+            crate::fsutil::create_dir(&dir, mode).map_err(|source| AgentError::Io {
+                what: format!("creating {}", dir.display()),
+                source,
+            })?;
+            // root:<API group> 0660, like the API socket.
+            let gid = nix::unistd::Group::from_name(&self.cfg.api_group)
+                .ok()
+                .flatten()
+                .map(|g| g.gid.as_raw());
+            let ep =
+                crate::instance::endpoint::Endpoint::bind(&path, 0o660, gid).map_err(|source| {
+                    AgentError::Start {
+                        name: def.name.clone(),
+                        source: source.into(),
+                    }
+                })?;
+            e.guest_agent = Some(ep);
+        }
+        Ok(e)
     }
 
     /// Notice the instance's exit (pidfd), whoever caused it, and record
@@ -404,7 +523,7 @@ impl Agent {
         match &st.run {
             Run::Running(i) if i.domid() == domid => {
                 instance::cleanup_paths(&i.record.paths);
-                self.remove_status(&dom.name);
+                self.remove_run_files(&dom.name);
                 tracing::info!(domain = %dom.name, domid, %reason, "instance ended");
                 st.run = Run::ShutOff { reason };
                 dom.console.end();
@@ -540,7 +659,7 @@ impl Agent {
         record: Option<Box<crate::instance::InstanceRecord>>,
     ) -> Result<(), AgentError> {
         self.kill_unreachable(name, record).await;
-        self.remove_status(name);
+        self.remove_run_files(name);
         let job = crate::migration::phase::job_path(&crate::instance::paths::domain_run_dir(
             &self.cfg.run_dir,
             name,

@@ -138,7 +138,7 @@ async fn adopt_domain(agent: &Arc<Agent>, dom: &Arc<Domain>) -> Adopted {
             );
             tracing::warn!(domain = %dom.name, %reason, "not adopted");
             instance::cleanup_paths(&paths);
-            agent.remove_status(&dom.name);
+            agent.remove_run_files(&dom.name);
             dom.state.lock().await.run = Run::ShutOff { reason };
             Adopted::Nothing
         }

@@ -21,6 +21,8 @@ pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
 /// `stop`'s `timeout_s` when the request has none.
 pub const DEFAULT_STOP_TIMEOUT_S: u64 = 60;
+/// `guest-agent`'s `timeout_s` when the request has none.
+pub const DEFAULT_GUEST_AGENT_TIMEOUT_S: u64 = 10;
 /// `migrate`'s `timeout_s` when the request has none.
 pub const DEFAULT_MIGRATE_TIMEOUT_S: u64 = 300;
 /// The largest `timeout_s` a request may carry (a week).
@@ -79,6 +81,14 @@ pub enum Request {
     /// QEMU downtime, the last upgrade run); read-only. `qlive metrics`
     /// renders it with `list` and `stale` in the Prometheus text format.
     Metrics {},
+    /// Send one command to the guest agent of a running domain defined with
+    /// `guest_agent: true`, and answer with its `return` value.
+    GuestAgent {
+        name: String,
+        command: Value,
+        #[serde(default)]
+        timeout_s: Option<u64>,
+    },
     /// `qlive upgrade` reports its summary when a run (not a dry run)
     /// ends; the agent keeps it as the last upgrade run.
     RecordUpgrade { summary: UpgradeSummary },
@@ -102,6 +112,7 @@ impl Request {
             Request::Stale {} => "stale",
             Request::Preflight { .. } => "preflight",
             Request::Metrics {} => "metrics",
+            Request::GuestAgent { .. } => "guest-agent",
             Request::RecordUpgrade { .. } => "record-upgrade",
         }
     }
@@ -121,6 +132,8 @@ pub enum ErrorKind {
     PermissionDenied,
     /// The host lacks what the domain needs to start (free huge pages).
     InsufficientResources,
+    /// `guest-agent`: the guest agent did not answer, or refused.
+    GuestAgent,
     Emulator,
     MigrationFailed,
     Internal,

@@ -417,6 +417,15 @@ pub struct Metrics {
     pub tally: crate::metrics::Tally,
 }
 
+/// `guest-agent`: the guest agent's `return` value (`null` for a command
+/// that does not answer, such as `guest-shutdown`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestAgentAnswer {
+    pub name: String,
+    #[serde(rename = "return")]
+    pub answer: Value,
+}
+
 /// `record-upgrade`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Recorded {
@@ -492,6 +501,7 @@ mod tests {
             "preflight",
             "metrics",
             "record-upgrade",
+            "guest-agent",
         ] {
             assert!(
                 by_shape.contains_key(shape),
@@ -523,6 +533,9 @@ mod tests {
         } else if has("tally") {
             again::<Metrics>(r)?;
             "metrics"
+        } else if has("return") {
+            again::<GuestAgentAnswer>(r)?;
+            "guest-agent"
         } else if has("recorded") {
             again::<Recorded>(r)?;
             "record-upgrade"

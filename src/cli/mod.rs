@@ -131,6 +131,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Send one command to a domain's guest agent (qemu-guest-agent in the
+    /// guest; the domain needs `"guest_agent": true`) and print its answer,
+    /// e.g. `qlive guest-agent web1 '{"execute":"guest-ping"}'`.
+    GuestAgent {
+        name: String,
+        /// The command as JSON: `{"execute": "...", "arguments": {...}}`.
+        command: String,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = crate::api::DEFAULT_GUEST_AGENT_TIMEOUT_S)]
+        timeout: u64,
+    },
     /// The agent's state in the Prometheus text format (domains, stale
     /// domains, migrations, the last upgrade run).
     /// Exit: 0 written, 2 agent unreachable (then `qlive_agent_up 0`).
@@ -250,6 +261,24 @@ pub async fn run(cli: Cli) -> i32 {
                     Request::Info { name },
                     if json { Show::Json } else { Show::Info },
                 ),
+                Command::GuestAgent {
+                    name,
+                    command,
+                    timeout,
+                } => match serde_json::from_str(&command) {
+                    Ok(command) => (
+                        Request::GuestAgent {
+                            name,
+                            command,
+                            timeout_s: Some(timeout),
+                        },
+                        Show::GuestAgent,
+                    ),
+                    Err(e) => {
+                        eprintln!("qlive: the command is not JSON: {e}");
+                        return 2;
+                    }
+                },
                 Command::Agent { .. }
                 | Command::Console { .. }
                 | Command::Upgrade { .. }

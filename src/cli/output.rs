@@ -28,6 +28,8 @@ pub enum Show {
     Job,
     Aborted,
     Stale,
+    /// The guest agent's `return` value, pretty-printed JSON.
+    GuestAgent,
 }
 
 impl Show {
@@ -63,6 +65,11 @@ impl Show {
             Show::Job => job(decode_result::<Option<JobInfo>>(req, result)?.as_ref()),
             Show::Aborted => aborted(&decode_result(req, result)?),
             Show::Stale => stale(&decode_result::<Vec<StaleEntry>>(req, result)?),
+            Show::GuestAgent => {
+                let r: crate::api::GuestAgentAnswer = decode_result(req, result)?;
+                let pretty = serde_json::to_string_pretty(&r.answer).unwrap_or_default();
+                format!("{pretty}\n")
+            }
         })
     }
 }

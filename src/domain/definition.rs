@@ -331,6 +331,10 @@ pub struct Definition {
     pub disks: Vec<Disk>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<Nic>,
+    /// A virtio-serial channel `org.qemu.guest_agent.0` for the guest's
+    /// qemu-guest-agent, served at the stable `<run>/domains/<name>/guest-agent.sock`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub guest_agent: bool,
     /// Escape hatch: extra QEMU arguments appended verbatim. Not validated
     /// beyond refusing the options qlive controls; the user owns the result.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -633,6 +637,20 @@ impl Definition {
                         format!("`{o}` is controlled by qlive and may not be overridden"),
                     ));
                 }
+                // A host endpoint each QEMU would bind for itself: the
+                // destination cannot, the exiting source unlinks it.
+                let value = a
+                    .split_once('=')
+                    .map(|(_, v)| v)
+                    .or(self.extra_args.get(i + 1).map(String::as_str));
+                if o == "-chardev" && value.is_some_and(|v| v.split(',').next() == Some("socket")) {
+                    return Err(DefinitionError::invalid(
+                        format!("extra_args[{i}]"),
+                        "a socket chardev is bound by each QEMU and breaks at the first \
+                         migration; for the guest agent set `guest_agent: true` \
+                         (docs/devices.md, escape hatches)",
+                    ));
+                }
             }
         }
         Ok(())
@@ -742,6 +760,20 @@ mod tests {
     }
 
     #[test]
+    fn guest_agent_is_stored_only_when_on() {
+        let d = Definition::from_value(&base()).unwrap();
+        assert!(!d.guest_agent);
+        assert!(serde_json::to_value(&d)
+            .unwrap()
+            .get("guest_agent")
+            .is_none());
+        let mut v = base();
+        v["guest_agent"] = true.into();
+        let d = Definition::from_value(&v).unwrap();
+        assert_eq!(serde_json::to_value(&d).unwrap()["guest_agent"], true);
+    }
+
+    #[test]
     fn hugepages_need_whole_pages() {
         let mut v = base();
         v["hugepages"] = "2M".into();
@@ -807,6 +839,22 @@ mod tests {
             let e = err(v);
             assert!(e.contains(&format!("`{field}`")), "{field}: {e}");
         }
+    }
+
+    #[test]
+    fn socket_chardevs_are_refused_naming_the_field_to_use() {
+        for args in [
+            serde_json::json!(["-chardev", "socket,id=qga0,path=/tmp/qga.sock,server=on"]),
+            serde_json::json!(["-device", "x", "--chardev=socket,id=a,host=::,port=4444"]),
+        ] {
+            let mut v = base();
+            v["extra_args"] = args.clone();
+            let e = err(v);
+            assert!(e.contains("guest_agent"), "{args}: {e}");
+        }
+        let mut v = base();
+        v["extra_args"] = serde_json::json!(["-chardev", "file,id=log,path=/tmp/x.log"]);
+        Definition::from_value(&v).unwrap();
     }
 
     #[test]

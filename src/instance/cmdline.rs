@@ -49,6 +49,14 @@ pub fn console_fd(def: &Definition) -> i32 {
     crate::instance::tap::FIRST_TAP_FD + def.nics.len() as i32
 }
 
+/// The fd number of the guest agent's listening socket inside QEMU, after
+/// the console log (crate::instance::endpoint).
+pub fn guest_agent_fd(def: &Definition) -> i32 {
+    console_fd(def) + 1
+}
+
+pub const GUEST_AGENT_CHARDEV: &str = "qlive-guest-agent";
+
 /// QemuOpts values escape a comma by doubling it.
 pub fn qemu_opt_escape(p: &Path) -> String {
     p.to_string_lossy().replace(',', ",,")
@@ -119,6 +127,23 @@ pub fn build(
         "-serial",
         &format!("chardev:{CONSOLE_CHARDEV}"),
     ]);
+    if def.guest_agent {
+        // The agent's listening socket, inherited: QEMU accepts on it but
+        // never binds or unlinks the path.
+        push(&[
+            "-device",
+            "virtio-serial-pci,id=qlive-serial0",
+            "-chardev",
+            &format!(
+                "socket,id={GUEST_AGENT_CHARDEV},fd={},server=on,wait=off",
+                guest_agent_fd(def)
+            ),
+            "-device",
+            &format!(
+                "virtserialport,bus=qlive-serial0.0,chardev={GUEST_AGENT_CHARDEV},name=org.qemu.guest_agent.0"
+            ),
+        ]);
+    }
     if let Some(k) = &def.kernel {
         push(&["-kernel", &k.to_string_lossy()]);
     }

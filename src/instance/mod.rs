@@ -8,6 +8,7 @@
 
 pub mod cmdline;
 pub mod domid;
+pub mod endpoint;
 pub mod files;
 pub mod kvm;
 pub mod memory;
@@ -23,6 +24,7 @@ use crate::domain::Definition;
 use crate::fsutil;
 use crate::qmp::{QemuVersion, Qmp, QmpError};
 use cmdline::{EffectiveAccel, StartMode};
+use endpoint::{Endpoint, EndpointError, Endpoints};
 use memory::{GuestRam, GUEST_RAM_FD};
 use paths::InstancePaths;
 use process::{Pidfd, ProcessError, ProcessIdentity};
@@ -74,6 +76,8 @@ pub enum InstanceError {
     Memory(#[from] memory::MemoryError),
     #[error("network")]
     Tap(#[from] TapError),
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
     #[error("SELinux: labelling {what} {context}")]
     Label {
         what: String,
@@ -129,6 +133,10 @@ pub struct InstanceRecord {
     /// The disk images as the instance opened them.
     #[serde(default)]
     pub disks: Vec<DiskId>,
+    /// The guest agent's stable socket, whose listening fd the instance
+    /// holds at `cmdline::guest_agent_fd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_agent: Option<PathBuf>,
     /// The user QEMU runs as, when not root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
@@ -142,6 +150,8 @@ pub struct Instance {
     pub ram: Arc<GuestRam>,
     /// The domain's taps, shared with every instance like `ram`.
     pub taps: Arc<Vec<Tap>>,
+    /// The domain's stable sockets, shared the same way.
+    pub endpoints: Arc<Endpoints>,
     /// Why the agent itself is ending this instance (stop, destroy), so
     /// whoever notices the exit first records the right reason.
     exit_intent: std::sync::Mutex<Option<String>>,
@@ -158,6 +168,7 @@ pub struct SpawnSpec<'a> {
     pub mode: StartMode,
     pub ram: Arc<GuestRam>,
     pub taps: Arc<Vec<Tap>>,
+    pub endpoints: Arc<Endpoints>,
     /// The domain's SELinux labels; None when SELinux is not enabled.
     pub labels: Option<selinux::Labels>,
     /// Run QEMU as this user; None: as root (the agent's user).
@@ -181,7 +192,8 @@ fn now_unix() -> u64 {
 /// the child would replace it: an error record could then land in a tap,
 /// the console log or guest RAM. Call once at start, before other threads.
 pub fn reserve_inherited_fd_numbers() -> io::Result<()> {
-    let last = tap::FIRST_TAP_FD + crate::domain::definition::MAX_NICS as i32;
+    // guest RAM, the taps, the console log, the guest agent's socket
+    let last = tap::FIRST_TAP_FD + crate::domain::definition::MAX_NICS as i32 + 1;
     for n in GUEST_RAM_FD..=last {
         // SAFETY: F_GETFD only probes whether `n` is open.
         if unsafe { libc::fcntl(n, libc::F_GETFD) } >= 0 {
@@ -313,6 +325,14 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
         use std::os::fd::AsRawFd;
         fds.push((console.as_raw_fd(), cmdline::console_fd(spec.def)));
     }
+    if spec.def.guest_agent {
+        let Some(ga) = &spec.endpoints.guest_agent else {
+            return Err(InstanceError::Endpoint(EndpointError::NotSocket {
+                path: PathBuf::from("(the guest agent's socket was not created)"),
+            }));
+        };
+        fds.push((ga.raw_fd(), cmdline::guest_agent_fd(spec.def)));
+    }
     let run_as = spec.run_as.cloned();
     if let Some(l) = &spec.labels {
         apply_labels(spec, l)?;
@@ -320,9 +340,9 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
     let exec_context = spec.labels.as_ref().map(|l| l.process.clone());
     let guard = sandbox::OffloadGuard::new();
     let qemu_caps = sandbox::QemuCaps::new();
-    // guest RAM, one tap per NIC and the console log must fit the fixed
-    // array in pre_exec
-    const _: () = assert!(crate::domain::definition::MAX_NICS + 2 <= 16);
+    // guest RAM, one tap per NIC, the console log and the guest agent's
+    // socket must fit the fixed array in pre_exec
+    const _: () = assert!(crate::domain::definition::MAX_NICS + 3 <= 16);
     let mut cmd = std::process::Command::new(&emulator);
     cmd.args(&args)
         .stdin(std::process::Stdio::null())
@@ -446,6 +466,12 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
             loaded,
             taps: spec.taps.iter().map(|t| t.name().to_string()).collect(),
             disks,
+            guest_agent: spec
+                .endpoints
+                .guest_agent
+                .as_ref()
+                .filter(|_| spec.def.guest_agent)
+                .map(|e| e.path().to_path_buf()),
             user: spec.run_as.map(|u| u.name.clone()),
         };
         Ok::<_, InstanceError>((record, qmp))
@@ -457,6 +483,7 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
             pidfd: Arc::new(pidfd),
             ram: spec.ram.clone(),
             taps: spec.taps.clone(),
+            endpoints: spec.endpoints.clone(),
             exit_intent: Default::default(),
         }),
         Err(e) => {
@@ -585,6 +612,16 @@ pub async fn adopt(record: InstanceRecord) -> Result<Instance, InstanceError> {
         .enumerate()
         .map(|(i, name)| Tap::recover(&pidfd, FIRST_TAP_FD + i as i32, name))
         .collect::<Result<Vec<_>, _>>()?;
+    // The guest agent's fd number follows the console log's, which follows
+    // the taps: one per recorded tap.
+    let guest_agent = match &record.guest_agent {
+        Some(path) => Some(Endpoint::recover(
+            &pidfd,
+            FIRST_TAP_FD + record.taps.len() as i32 + 1,
+            path,
+        )?),
+        None => None,
+    };
     let qmp = Qmp::connect(&record.paths.qmp)
         .await
         .map_err(|source| InstanceError::Qmp {
@@ -597,6 +634,7 @@ pub async fn adopt(record: InstanceRecord) -> Result<Instance, InstanceError> {
         pidfd: Arc::new(pidfd),
         ram: Arc::new(ram),
         taps: Arc::new(taps),
+        endpoints: Arc::new(Endpoints { guest_agent }),
         exit_intent: Default::default(),
     })
 }
