@@ -1,8 +1,10 @@
-//! The guest agent's stable socket (`"guest_agent": true`) on the test
+//! The guest agent's and VNC's stable sockets (`"guest_agent": true`,
+//! `"vnc": true`) on the test
 //! guest, which has the virtio-serial port but no qemu-guest-agent: the
 //! path is there, connectable, and served by the running instance through
 //! a successful migration, a failed one and an agent SIGKILL, and removed
-//! when the run ends; `qlive guest-agent` reports the silent guest clearly.
+//! when the run ends; a VNC client gets QEMU's RFB greeting at every step;
+//! `qlive guest-agent` reports the silent guest clearly.
 //! The answers of a real qemu-guest-agent are checked with the Debian guest
 //! (docs/devices.md, "The guest agent").
 
@@ -15,6 +17,19 @@ use std::time::Duration;
 
 fn socket(rig: &Rig) -> std::path::PathBuf {
     rig.run.join("domains/ga/guest-agent.sock")
+}
+
+/// A VNC client at the stable path gets QEMU's RFB greeting.
+fn assert_vnc(rig: &Rig, when: &str) {
+    use std::io::Read;
+    let p = rig.run.join("domains/ga/vnc.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(&p)
+        .unwrap_or_else(|e| panic!("{when}: vnc connect: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut g = [0u8; 12];
+    s.read_exact(&mut g)
+        .unwrap_or_else(|e| panic!("{when}: no RFB greeting: {e}"));
+    assert!(g.starts_with(b"RFB 003."), "{when}: {g:?}");
 }
 
 /// The path is a socket, 0660, and `connect` reaches a listener.
@@ -30,10 +45,11 @@ fn assert_served(rig: &Rig, when: &str) {
 #[test]
 fn the_guest_agent_socket_stays_through_migrations_failures_and_restarts() {
     let mut rig = Rig::new();
-    rig.define_guest("ga", 256, json!({"guest_agent": true}));
+    rig.define_guest("ga", 256, json!({"guest_agent": true, "vnc": true}));
     rig.ok(&["start", "ga"]);
     rig.wait_heartbeat_past("ga", 100, Duration::from_secs(90));
     assert_served(&rig, "after start");
+    assert_vnc(&rig, "after start");
 
     // no qemu-guest-agent in this guest: a clear error, within the timeout
     let t = std::time::Instant::now();
@@ -54,6 +70,7 @@ fn the_guest_agent_socket_stays_through_migrations_failures_and_restarts() {
     let r = rig.migrate("ga", &["--emulator", new.to_str().expect("utf8")]);
     assert_eq!(r["result"], "success", "{r}");
     assert_served(&rig, "after 7.2 -> 10.0");
+    assert_vnc(&rig, "after 7.2 -> 10.0");
 
     rig.add_hook(
         "50-refuse",
@@ -62,22 +79,40 @@ fn the_guest_agent_socket_stays_through_migrations_failures_and_restarts() {
     let (code, err) = rig.fails(&["migrate", "ga"]);
     assert_eq!(code, 1, "{err}");
     assert_served(&rig, "after a failed migration");
+    assert_vnc(&rig, "after a failed migration");
     std::fs::remove_file(rig.hooks.join("50-refuse")).unwrap();
 
     let pid = rig.info("ga")["pid"].clone();
     rig.kill_agent();
     assert_served(&rig, "while the agent is down");
+    // a VNC client connecting now waits in the backlog, and is served by
+    // the next agent
+    let mut waiting =
+        std::os::unix::net::UnixStream::connect(rig.run.join("domains/ga/vnc.sock")).unwrap();
     rig.start_agent();
+    {
+        use std::io::Read;
+        waiting
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut g = [0u8; 12];
+        waiting
+            .read_exact(&mut g)
+            .expect("RFB greeting after the restart");
+        assert!(g.starts_with(b"RFB 003."), "{g:?}");
+    }
     assert_eq!(rig.info("ga")["pid"], pid, "re-adopted");
     let r = rig.migrate("ga", &["--emulator", SYSTEM_QEMU]);
     assert_eq!(r["result"], "success", "{r}");
     assert_served(&rig, "after an agent SIGKILL and 10.0 -> 7.2");
+    assert_vnc(&rig, "after an agent SIGKILL and 10.0 -> 7.2");
     let hb = rig.heartbeat("ga").last;
     rig.wait_heartbeat_past("ga", hb + 100, Duration::from_secs(30))
         .assert_intact("ga");
 
     rig.ok(&["destroy", "ga"]);
     assert!(!socket(&rig).exists(), "removed with the run");
+    assert!(!rig.run.join("domains/ga/vnc.sock").exists());
     let d = rig.try_call(
         &json!({"op": "guest-agent", "name": "ga", "command": {"execute": "guest-ping"}}),
     );

@@ -14,6 +14,7 @@ pub mod privileges;
 mod recover;
 mod sd;
 mod server;
+mod vnc;
 
 use crate::api::{ApiError, ErrorKind};
 use crate::console::ConsoleHub;
@@ -403,10 +404,12 @@ impl Agent {
         if let Err(e) = fsutil::remove_file_if_exists(&p) {
             tracing::warn!(path = %p.display(), error = %e, "removing status file");
         }
-        crate::instance::endpoint::unlink_socket(&crate::instance::paths::guest_agent_socket(
-            &self.cfg.run_dir,
-            name,
-        ));
+        for p in [
+            crate::instance::paths::guest_agent_socket(&self.cfg.run_dir, name),
+            crate::instance::paths::vnc_socket(&self.cfg.run_dir, name),
+        ] {
+            crate::instance::endpoint::unlink_socket(&p);
+        }
     }
 
     pub fn domain_count(&self) -> usize {

@@ -11,6 +11,7 @@ use crate::instance::memory::GuestRam;
 use crate::instance::paths::InstancePaths;
 use crate::instance::{self, Instance, SpawnSpec};
 use serde_json::Value;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -417,6 +418,7 @@ impl Agent {
         }
         st.run = Run::Running(inst.clone());
         self.watch(&dom, &inst);
+        self.serve_vnc(&dom, &inst);
         tracing::info!(domain = %dom.name, domid = inst.domid(), pid = inst.pid(),
             qemu = %inst.record.qemu_version, %machine, accel = accel.as_str(),
             ms = t0.elapsed().as_millis() as u64, "started");
@@ -435,44 +437,59 @@ impl Agent {
         &self,
         def: &Definition,
     ) -> Result<crate::instance::endpoint::Endpoints, AgentError> {
-        let mut e = crate::instance::endpoint::Endpoints::default();
+        use crate::instance::{endpoint, paths};
+        let mut e = endpoint::Endpoints::default();
+        let run = &self.cfg.run_dir;
         if def.guest_agent {
-            let path = crate::instance::paths::guest_agent_socket(&self.cfg.run_dir, &def.name);
-            let bound = crate::instance::endpoint::bound_path(&path);
-            if bound.as_os_str().len() > crate::instance::paths::MAX_SOCKET_PATH {
-                return Err(AgentError::Start {
-                    name: def.name.clone(),
-                    source: crate::instance::InstanceError::PathTooLong {
-                        path: bound,
-                        limit: crate::instance::paths::MAX_SOCKET_PATH,
-                    },
-                });
+            e.guest_agent =
+                Some(self.bind_endpoint(def, &paths::guest_agent_socket(run, &def.name))?);
+        }
+        if def.vnc {
+            match self.bind_endpoint(def, &paths::vnc_socket(run, &def.name)) {
+                Ok(ep) => e.vnc = Some(ep),
+                Err(err) => {
+                    e.unlink();
+                    return Err(err);
+                }
             }
-            let dir = crate::instance::paths::domain_run_dir(&self.cfg.run_dir, &def.name);
-            let mode = if self.qemu_user.is_some() {
-                0o711
-            } else {
-                0o700
-            };
-            crate::fsutil::create_dir(&dir, mode).map_err(|source| AgentError::Io {
-                what: format!("creating {}", dir.display()),
-                source,
-            })?;
-            // root:<API group> 0660, like the API socket.
-            let gid = nix::unistd::Group::from_name(&self.cfg.api_group)
-                .ok()
-                .flatten()
-                .map(|g| g.gid.as_raw());
-            let ep =
-                crate::instance::endpoint::Endpoint::bind(&path, 0o660, gid).map_err(|source| {
-                    AgentError::Start {
-                        name: def.name.clone(),
-                        source: source.into(),
-                    }
-                })?;
-            e.guest_agent = Some(ep);
         }
         Ok(e)
+    }
+
+    /// One stable socket at `path` in the domain's run directory, root:<API
+    /// group> 0660 like the API socket.
+    fn bind_endpoint(
+        &self,
+        def: &Definition,
+        path: &Path,
+    ) -> Result<crate::instance::endpoint::Endpoint, AgentError> {
+        use crate::instance::{endpoint, paths};
+        let start_err = |source: crate::instance::InstanceError| AgentError::Start {
+            name: def.name.clone(),
+            source,
+        };
+        let bound = endpoint::bound_path(path);
+        if bound.as_os_str().len() > paths::MAX_SOCKET_PATH {
+            return Err(start_err(crate::instance::InstanceError::PathTooLong {
+                path: bound,
+                limit: paths::MAX_SOCKET_PATH,
+            }));
+        }
+        let dir = paths::domain_run_dir(&self.cfg.run_dir, &def.name);
+        let mode = if self.qemu_user.is_some() {
+            0o711
+        } else {
+            0o700
+        };
+        crate::fsutil::create_dir(&dir, mode).map_err(|source| AgentError::Io {
+            what: format!("creating {}", dir.display()),
+            source,
+        })?;
+        let gid = nix::unistd::Group::from_name(&self.cfg.api_group)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw());
+        endpoint::Endpoint::bind(path, 0o660, gid).map_err(|e| start_err(e.into()))
     }
 
     /// Notice the instance's exit (pidfd), whoever caused it, and record

@@ -126,6 +126,7 @@ async fn adopt_domain(agent: &Arc<Agent>, dom: &Arc<Domain>) -> Adopted {
             }
             dom.state.lock().await.run = Run::Running(inst.clone());
             agent.watch(dom, &inst);
+            agent.serve_vnc(dom, &inst);
             tracing::info!(domain = %dom.name, domid, pid, "re-adopted running instance");
             Adopted::Domid(domid)
         }

@@ -335,6 +335,10 @@ pub struct Definition {
     /// qemu-guest-agent, served at the stable `<run>/domains/<name>/guest-agent.sock`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub guest_agent: bool,
+    /// A VGA display and a VNC server at the stable
+    /// `<run>/domains/<name>/vnc.sock`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vnc: bool,
     /// Escape hatch: extra QEMU arguments appended verbatim. Not validated
     /// beyond refusing the options qlive controls; the user owns the result.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -643,6 +647,13 @@ impl Definition {
                     .split_once('=')
                     .map(|(_, v)| v)
                     .or(self.extra_args.get(i + 1).map(String::as_str));
+                if o == "-vnc" || (o == "-display" && value.is_some_and(|v| v.starts_with("vnc"))) {
+                    return Err(DefinitionError::invalid(
+                        format!("extra_args[{i}]"),
+                        "a VNC server QEMU binds itself breaks at the first migration; \
+                         set `vnc: true` (docs/devices.md, escape hatches)",
+                    ));
+                }
                 if o == "-chardev" && value.is_some_and(|v| v.split(',').next() == Some("socket")) {
                     return Err(DefinitionError::invalid(
                         format!("extra_args[{i}]"),
@@ -855,6 +866,15 @@ mod tests {
         let mut v = base();
         v["extra_args"] = serde_json::json!(["-chardev", "file,id=log,path=/tmp/x.log"]);
         Definition::from_value(&v).unwrap();
+        for args in [
+            serde_json::json!(["-vnc", "unix:/tmp/v.sock"]),
+            serde_json::json!(["-display", "vnc=:1"]),
+        ] {
+            let mut v = base();
+            v["extra_args"] = args.clone();
+            let e = err(v);
+            assert!(e.contains("`vnc: true`"), "{args}: {e}");
+        }
     }
 
     #[test]

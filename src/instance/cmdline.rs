@@ -57,6 +57,13 @@ pub fn guest_agent_fd(def: &Definition) -> i32 {
 
 pub const GUEST_AGENT_CHARDEV: &str = "qlive-guest-agent";
 
+/// The fd number of the VNC listening socket inside QEMU. QEMU does not
+/// use it (the agent accepts and hands connections over with `add_client`);
+/// it holds it so the socket outlives an agent restart.
+pub fn vnc_fd(def: &Definition) -> i32 {
+    console_fd(def) + 2
+}
+
 /// QemuOpts values escape a comma by doubling it.
 pub fn qemu_opt_escape(p: &Path) -> String {
     p.to_string_lossy().replace(',', ",,")
@@ -143,6 +150,11 @@ pub fn build(
                 "virtserialport,bus=qlive-serial0.0,chardev={GUEST_AGENT_CHARDEV},name=org.qemu.guest_agent.0"
             ),
         ]);
+    }
+    if def.vnc {
+        // No listener of QEMU's own: the agent owns the socket and adds
+        // each client over QMP (`add_client`).
+        push(&["-device", "VGA,id=qlive-vga0", "-vnc", "none"]);
     }
     if let Some(k) = &def.kernel {
         push(&["-kernel", &k.to_string_lossy()]);

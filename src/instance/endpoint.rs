@@ -227,11 +227,14 @@ pub struct Endpoints {
     /// `guest_agent`: QEMU's chardev for the virtio-serial port
     /// `org.qemu.guest_agent.0` serves this listening socket.
     pub guest_agent: Option<Endpoint>,
+    /// `vnc`: the agent accepts here and hands each connection to the
+    /// running instance (`add_client`); QEMU only holds the fd.
+    pub vnc: Option<Endpoint>,
 }
 
 impl Endpoints {
     pub fn unlink(&self) {
-        if let Some(e) = &self.guest_agent {
+        for e in [&self.guest_agent, &self.vnc].into_iter().flatten() {
             e.unlink();
         }
     }

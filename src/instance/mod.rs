@@ -137,6 +137,10 @@ pub struct InstanceRecord {
     /// holds at `cmdline::guest_agent_fd`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_agent: Option<PathBuf>,
+    /// The VNC stable socket, whose listening fd the instance holds at
+    /// `cmdline::vnc_fd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnc: Option<PathBuf>,
     /// The user QEMU runs as, when not root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
@@ -192,8 +196,8 @@ fn now_unix() -> u64 {
 /// the child would replace it: an error record could then land in a tap,
 /// the console log or guest RAM. Call once at start, before other threads.
 pub fn reserve_inherited_fd_numbers() -> io::Result<()> {
-    // guest RAM, the taps, the console log, the guest agent's socket
-    let last = tap::FIRST_TAP_FD + crate::domain::definition::MAX_NICS as i32 + 1;
+    // guest RAM, the taps, the console log, the guest agent's and VNC's sockets
+    let last = tap::FIRST_TAP_FD + crate::domain::definition::MAX_NICS as i32 + 2;
     for n in GUEST_RAM_FD..=last {
         // SAFETY: F_GETFD only probes whether `n` is open.
         if unsafe { libc::fcntl(n, libc::F_GETFD) } >= 0 {
@@ -333,6 +337,14 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
         };
         fds.push((ga.raw_fd(), cmdline::guest_agent_fd(spec.def)));
     }
+    if spec.def.vnc {
+        let Some(v) = &spec.endpoints.vnc else {
+            return Err(InstanceError::Endpoint(EndpointError::NotSocket {
+                path: PathBuf::from("(the VNC socket was not created)"),
+            }));
+        };
+        fds.push((v.raw_fd(), cmdline::vnc_fd(spec.def)));
+    }
     let run_as = spec.run_as.cloned();
     if let Some(l) = &spec.labels {
         apply_labels(spec, l)?;
@@ -341,8 +353,8 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
     let guard = sandbox::OffloadGuard::new();
     let qemu_caps = sandbox::QemuCaps::new();
     // guest RAM, one tap per NIC, the console log and the guest agent's
-    // socket must fit the fixed array in pre_exec
-    const _: () = assert!(crate::domain::definition::MAX_NICS + 3 <= 16);
+    // and VNC's sockets must fit the fixed array in pre_exec
+    const _: () = assert!(crate::domain::definition::MAX_NICS + 4 <= 16);
     let mut cmd = std::process::Command::new(&emulator);
     cmd.args(&args)
         .stdin(std::process::Stdio::null())
@@ -471,6 +483,12 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
                 .guest_agent
                 .as_ref()
                 .filter(|_| spec.def.guest_agent)
+                .map(|e| e.path().to_path_buf()),
+            vnc: spec
+                .endpoints
+                .vnc
+                .as_ref()
+                .filter(|_| spec.def.vnc)
                 .map(|e| e.path().to_path_buf()),
             user: spec.run_as.map(|u| u.name.clone()),
         };
@@ -622,6 +640,14 @@ pub async fn adopt(record: InstanceRecord) -> Result<Instance, InstanceError> {
         )?),
         None => None,
     };
+    let vnc = match &record.vnc {
+        Some(path) => Some(Endpoint::recover(
+            &pidfd,
+            FIRST_TAP_FD + record.taps.len() as i32 + 2,
+            path,
+        )?),
+        None => None,
+    };
     let qmp = Qmp::connect(&record.paths.qmp)
         .await
         .map_err(|source| InstanceError::Qmp {
@@ -634,7 +660,7 @@ pub async fn adopt(record: InstanceRecord) -> Result<Instance, InstanceError> {
         pidfd: Arc::new(pidfd),
         ram: Arc::new(ram),
         taps: Arc::new(taps),
-        endpoints: Arc::new(Endpoints { guest_agent }),
+        endpoints: Arc::new(Endpoints { guest_agent, vnc }),
         exit_intent: Default::default(),
     })
 }

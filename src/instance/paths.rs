@@ -49,6 +49,12 @@ pub fn domain_run_dir(run_dir: &Path, name: &str) -> PathBuf {
     run_dir.join("domains").join(name)
 }
 
+/// `<run>/domains/<name>/vnc.sock`: the domain's VNC server, at the same
+/// path for the whole run (the agent hands each connection to QEMU).
+pub fn vnc_socket(run_dir: &Path, name: &str) -> PathBuf {
+    domain_run_dir(run_dir, name).join("vnc.sock")
+}
+
 /// `<run>/domains/<name>/guest-agent.sock`: the domain's guest agent, at
 /// the same path for the whole run (crate::instance::endpoint).
 pub fn guest_agent_socket(run_dir: &Path, name: &str) -> PathBuf {

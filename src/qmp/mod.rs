@@ -114,6 +114,10 @@ struct Shared {
 /// concurrently (each carries its own id).
 pub struct Qmp {
     writer: tokio::sync::Mutex<Box<dyn AsyncWrite + Send + Unpin>>,
+    /// The connection's socket itself, for commands that pass an fd along
+    /// (`getfd`, SCM_RIGHTS); None over other transports (the probe's
+    /// stdio, tests).
+    socket: Option<std::os::fd::OwnedFd>,
     shared: Arc<Shared>,
     next_id: AtomicU64,
     /// The reader task holds the only strong sender: when the connection
@@ -139,8 +143,18 @@ impl Qmp {
                 path: path.display().to_string(),
                 source,
             })?;
+        use std::os::fd::AsFd;
+        let socket = s
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| QmpError::Connect {
+                path: path.display().to_string(),
+                source,
+            })?;
         let (r, w) = s.into_split();
-        Qmp::handshake(r, w).await
+        let mut qmp = Qmp::handshake(r, w).await?;
+        qmp.socket = Some(socket);
+        Ok(qmp)
     }
 
     /// Read the greeting from `r`, start the reader task, negotiate.
@@ -175,6 +189,7 @@ impl Qmp {
         let reader = tokio::spawn(read_loop(lines, shared.clone(), events));
         let qmp = Qmp {
             writer: tokio::sync::Mutex::new(Box::new(w)),
+            socket: None,
             shared,
             next_id: AtomicU64::new(1),
             events: weak,
@@ -242,6 +257,30 @@ impl Qmp {
         args: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
+        self.execute_with_fd(command, args, timeout, None).await
+    }
+
+    /// `getfd`: give QEMU `fd` under `name` (sent with the command, as
+    /// SCM_RIGHTS on the QMP socket), for a later command that names it
+    /// (`add_client`).
+    pub async fn getfd(&self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), QmpError> {
+        self.execute_with_fd(
+            "getfd",
+            Some(json!({ "fdname": name })),
+            DEFAULT_TIMEOUT,
+            Some(fd),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn execute_with_fd(
+        &self,
+        command: &str,
+        args: Option<Value>,
+        timeout: Duration,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> Result<Value, QmpError> {
         if self.is_closed() {
             return Err(QmpError::Disconnected);
         }
@@ -260,7 +299,20 @@ impl Qmp {
         tracing::trace!(command, id, "qmp ->");
         let write = async {
             let mut w = self.writer.lock().await;
-            w.write_all(&line).await?;
+            let mut sent = 0;
+            if let Some(fd) = fd {
+                // Under the writer lock: nothing else is between the bytes
+                // written so far and these. The fd rides on the first byte.
+                w.flush().await?;
+                let sock = self.socket.as_ref().ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::Unsupported,
+                        "this QMP transport passes no fds",
+                    )
+                })?;
+                sent = send_with_fd(sock, &line, fd).await?;
+            }
+            w.write_all(&line[sent..]).await?;
             w.flush().await
         };
         if let Err(source) = write.await {
@@ -288,6 +340,34 @@ impl Qmp {
             }),
         }
     }
+}
+
+/// `sendmsg` of (the start of) `line` with `fd` as SCM_RIGHTS on the QMP
+/// socket, which is non-blocking: retried briefly while the buffer is full.
+/// Returns how many bytes went out.
+async fn send_with_fd(
+    sock: &std::os::fd::OwnedFd,
+    line: &[u8],
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> io::Result<usize> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let fds = [fd.as_raw_fd()];
+    for _ in 0..200 {
+        let iov = [io::IoSlice::new(line)];
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(n) => return Ok(n),
+            Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+            Err(e) => return Err(io::Error::from(e)),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::WouldBlock,
+        "the QMP socket stayed full for 1 s",
+    ))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
