@@ -4,7 +4,7 @@
 CARGO ?= cargo
 GUEST_DIR := target/guest
 
-.PHONY: all build deps guest qemu-new deb selinux selinux-check demo test lint fuzz ansible-venv ansible-sanity bench bench-core bench-migration bench-upgrade bench-chaos clean
+.PHONY: all build deps guest qemu-new assets deb selinux selinux-check demo test lint fuzz ansible-venv ansible-sanity bench bench-core bench-migration bench-upgrade bench-chaos clean
 
 all: build
 
@@ -30,8 +30,16 @@ selinux: deps
 selinux-check: deps selinux
 	selinux/linkcheck.sh target/selinux
 
+# Man pages (qlive.1 and qlive-SUB.1 for every subcommand, gzipped) and
+# bash, zsh and fish completions in target/assets, generated from the clap
+# CLI by examples/gen-assets.rs (clap_mangen and clap_complete are
+# dev-dependencies: the shipped binary does not link them).
+assets: deps
+	rm -rf target/assets
+	$(CARGO) run --release --locked --example gen-assets -- target/assets
+
 # The Debian package (cargo-deb; metadata in Cargo.toml, scripts in packaging/debian).
-deb: deps selinux
+deb: deps selinux assets
 	$(CARGO) deb --locked
 
 # Boot the demo guest under a private agent and show it running.

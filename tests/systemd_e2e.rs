@@ -64,8 +64,9 @@ fn dpkg_upgrade_of_qemu_moves_the_guest_under_systemd() {
     hb.assert_intact("guest console across agent restart and QEMU package upgrade");
 }
 
-/// The package carries the binary, the three units, tmpfiles/sysusers
-/// snippets, the docs, its maintainer scripts and the QEMU trigger.
+/// The package carries the binary, the units, tmpfiles/sysusers snippets,
+/// the docs, a man page per subcommand, the shell completions, its
+/// maintainer scripts and the QEMU trigger.
 #[test]
 fn deb_contents() {
     let deb = qlive_deb();
@@ -85,9 +86,22 @@ fn deb_contents() {
         "./usr/share/doc/qlive/docs/operations.md",
         "./usr/share/selinux/packages/qlive/qlive.pp",
         "./usr/share/selinux/devel/include/contrib/qlive.if",
+        "./usr/share/man/man1/qlive-upgrade.1.gz",
+        "./usr/share/bash-completion/completions/qlive",
+        "./usr/share/zsh/vendor-completions/_qlive",
+        "./usr/share/fish/vendor_completions.d/qlive.fish",
     ] {
         assert!(
             listing.lines().any(|l| l.ends_with(f)),
+            "{f} missing from the .deb:\n{listing}"
+        );
+    }
+    let pages = man_pages();
+    assert!(pages.len() > 10, "subcommands found: {pages:?}");
+    for page in &pages {
+        let f = format!("./usr/share/man/man1/{page}");
+        assert!(
+            listing.lines().any(|l| l.ends_with(&f)),
             "{f} missing from the .deb:\n{listing}"
         );
     }

@@ -55,6 +55,21 @@ pub fn guest_image() -> GuestImage {
     GuestImage { kernel, initrd }
 }
 
+/// The man pages `examples/gen-assets.rs` writes (`make assets`) and the
+/// packages install: `qlive.1.gz`, and `qlive-SUB.1.gz` for every subcommand
+/// of the CLI as it is now (hidden ones and `help` have none).
+pub fn man_pages() -> Vec<String> {
+    use clap::CommandFactory;
+    let cli = qlive::cli::Cli::command();
+    let mut pages = vec!["qlive.1.gz".to_string()];
+    pages.extend(
+        cli.get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+            .map(|s| format!("qlive-{}.1.gz", s.get_name())),
+    );
+    pages
+}
+
 pub struct Rig {
     pub dir: tempfile::TempDir,
     pub state: PathBuf,
