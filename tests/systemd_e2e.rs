@@ -81,6 +81,8 @@ fn deb_contents() {
         "./lib/systemd/system/qlive.service",
         "./lib/systemd/system/qlive.socket",
         "./lib/systemd/system/qlive-upgrade.service",
+        "./lib/systemd/system/qlive-metrics.service",
+        "./lib/systemd/system/qlive-metrics.timer",
         "./usr/lib/tmpfiles.d/qlive.conf",
         "./usr/lib/sysusers.d/qlive.conf",
         "./usr/share/doc/qlive/docs/operations.md",

@@ -47,9 +47,12 @@ step "systemd booted in a namespace (host pid $pid)"
 mode=$("${NS[@]}" stat -c '%a %U:%G' /run/qlive/qlive.sock)
 [ "$mode" = "660 root:qlive" ] || fail "API socket is $mode, want 660 root:qlive"
 "${NS[@]}" systemd-analyze verify /lib/systemd/system/qlive.service /lib/systemd/system/qlive.socket \
-  /lib/systemd/system/qlive-upgrade.service || fail "systemd-analyze verify"
+  /lib/systemd/system/qlive-upgrade.service /lib/systemd/system/qlive-metrics.service \
+  /lib/systemd/system/qlive-metrics.timer || fail "systemd-analyze verify"
 [ "$("${NS[@]}" dpkg-query -W -f="\${Status}" qlive)" = "install ok installed" ] || fail "qlive not installed"
-step "package installed; units verified; socket 660 root:qlive"
+"${NS[@]}" systemctl is-enabled --quiet qlive-metrics.timer || fail "qlive-metrics.timer not enabled"
+"${NS[@]}" systemctl is-active --quiet qlive-metrics.timer || fail "qlive-metrics.timer not active"
+step "package installed; units verified; socket 660 root:qlive; qlive-metrics.timer enabled and active"
 
 cat >"$S/vm.json" <<JSON
 {"name": "vm", "emulator": "/usr/bin/qemu-system-x86_64", "accel": "tcg", "memory_mib": 256,
