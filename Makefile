@@ -4,7 +4,7 @@
 CARGO ?= cargo
 GUEST_DIR := target/guest
 
-.PHONY: all build deps guest qemu-new assets deb selinux selinux-check demo test lint fuzz ansible-venv ansible-sanity bench bench-core bench-migration bench-upgrade bench-chaos clean
+.PHONY: all build deps guest qemu-new assets deb rpm selinux selinux-check demo test lint fuzz ansible-venv ansible-sanity bench bench-core bench-migration bench-upgrade bench-chaos clean
 
 all: build
 
@@ -42,6 +42,12 @@ assets: deps
 deb: deps selinux assets
 	$(CARGO) deb --locked
 
+# The RPM (packaging/rpm/qlive.spec) built with Debian's rpmbuild into
+# target/rpm/, from a tarball of the tracked files, reusing target/'s
+# compiled dependencies, offline (packaging/rpm/build.sh).
+rpm: deps
+	packaging/rpm/build.sh target/rpm
+
 # Boot the demo guest under a private agent and show it running.
 demo: build guest qemu-new
 	scripts/demo.sh
@@ -69,8 +75,9 @@ ansible-sanity: ansible-venv
 	  ../../../../target/ansible-venv/bin/ansible-test sanity --python 3.11
 
 # Everything: lint, fuzzing, the Ansible collection's sanity tests, unit and
-# integration tests (real QEMU under TCG).
-test: deps guest qemu-new deb selinux-check lint fuzz ansible-sanity
+# integration tests (real QEMU under TCG; the .deb under systemd, the .deb's
+# and the .rpm's contents).
+test: deps guest qemu-new deb rpm selinux-check lint fuzz ansible-sanity
 	$(CARGO) nextest run --locked --profile ci
 
 # Benchmarks print their figures (docs/benchmarks.md); not part of `make test`.

@@ -98,10 +98,15 @@ fn deb_contents() {
             "{f} missing from the .deb:\n{listing}"
         );
     }
+    let units = repo_units();
+    assert!(units.len() >= 5, "units in systemd/: {units:?}");
     let pages = man_pages();
     assert!(pages.len() > 10, "subcommands found: {pages:?}");
-    for page in &pages {
-        let f = format!("./usr/share/man/man1/{page}");
+    for f in units
+        .iter()
+        .map(|u| format!("./lib/systemd/system/{u}"))
+        .chain(pages.iter().map(|p| format!("./usr/share/man/man1/{p}")))
+    {
         assert!(
             listing.lines().any(|l| l.ends_with(&f)),
             "{f} missing from the .deb:\n{listing}"

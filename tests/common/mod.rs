@@ -70,6 +70,23 @@ pub fn man_pages() -> Vec<String> {
     pages
 }
 
+/// The units in `systemd/` (`*.service`, `*.socket`, `*.timer`): the
+/// packages must install every one.
+pub fn repo_units() -> Vec<String> {
+    let mut units: Vec<String> = std::fs::read_dir(repo_root().join("systemd"))
+        .expect("reading systemd/")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            [".service", ".socket", ".timer"]
+                .iter()
+                .any(|x| n.ends_with(x))
+        })
+        .collect();
+    units.sort();
+    units
+}
+
 pub struct Rig {
     pub dir: tempfile::TempDir,
     pub state: PathBuf,
