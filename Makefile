@@ -38,9 +38,16 @@ assets: deps
 	rm -rf target/assets
 	$(CARGO) run --release --locked --example gen-assets -- target/assets
 
-# The Debian package (cargo-deb; metadata in Cargo.toml, scripts in packaging/debian).
+# The Debian package (cargo-deb; metadata in Cargo.toml, scripts in packaging/debian)
+# in target/debian/, and the same package under a higher version in
+# target/debian-next/, which tests/systemd/e2e.sh installs over it while a
+# guest runs (a self-upgrade of qlive). In this order: cargo deb removes the
+# package's .deb files in target/debian/, whatever its --output.
+VERSION := $(shell sed -n '/^\[package\]/,/^\[/s/^version = "\(.*\)"$$/\1/p' Cargo.toml)
 deb: deps selinux assets
-	$(CARGO) deb --locked
+	rm -rf target/debian-next
+	$(CARGO) deb --locked --deb-version $(VERSION)+selftest1 --output target/debian-next/
+	$(CARGO) deb --locked --no-build
 
 # The RPM (packaging/rpm/qlive.spec) built with Debian's rpmbuild into
 # target/rpm/, from a tarball of the tracked files, reusing target/'s
