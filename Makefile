@@ -4,7 +4,7 @@
 CARGO ?= cargo
 GUEST_DIR := target/guest
 
-.PHONY: all build deps guest qemu-new deb selinux selinux-check demo test lint fuzz ansible-venv ansible-sanity bench bench-core bench-migration bench-upgrade bench-chaos clean
+.PHONY: all build deps guest qemu-new assets deb rpm selinux selinux-check demo test lint fuzz ansible-venv ansible-sanity bench bench-core bench-migration bench-upgrade bench-chaos clean
 
 all: build
 
@@ -30,9 +30,30 @@ selinux: deps
 selinux-check: deps selinux
 	selinux/linkcheck.sh target/selinux
 
-# The Debian package (cargo-deb; metadata in Cargo.toml, scripts in packaging/debian).
-deb: deps selinux
-	$(CARGO) deb --locked
+# Man pages (qlive.1 and qlive-SUB.1 for every subcommand, gzipped) and
+# bash, zsh and fish completions in target/assets, generated from the clap
+# CLI by examples/gen-assets.rs (clap_mangen and clap_complete are
+# dev-dependencies: the shipped binary does not link them).
+assets: deps
+	rm -rf target/assets
+	$(CARGO) run --release --locked --example gen-assets -- target/assets
+
+# The Debian package (cargo-deb; metadata in Cargo.toml, scripts in packaging/debian)
+# in target/debian/, and the same package under a higher version in
+# target/debian-next/, which tests/systemd/e2e.sh installs over it while a
+# guest runs (a self-upgrade of qlive). In this order: cargo deb removes the
+# package's .deb files in target/debian/, whatever its --output.
+VERSION := $(shell sed -n '/^\[package\]/,/^\[/s/^version = "\(.*\)"$$/\1/p' Cargo.toml)
+deb: deps selinux assets
+	rm -rf target/debian-next
+	$(CARGO) deb --locked --deb-version $(VERSION)+selftest1 --output target/debian-next/
+	$(CARGO) deb --locked --no-build
+
+# The RPM (packaging/rpm/qlive.spec) built with Debian's rpmbuild into
+# target/rpm/, from a tarball of the tracked files, reusing target/'s
+# compiled dependencies, offline (packaging/rpm/build.sh).
+rpm: deps
+	packaging/rpm/build.sh target/rpm
 
 # Boot the demo guest under a private agent and show it running.
 demo: build guest qemu-new
@@ -61,8 +82,9 @@ ansible-sanity: ansible-venv
 	  ../../../../target/ansible-venv/bin/ansible-test sanity --python 3.11
 
 # Everything: lint, fuzzing, the Ansible collection's sanity tests, unit and
-# integration tests (real QEMU under TCG).
-test: deps guest qemu-new deb selinux-check lint fuzz ansible-sanity
+# integration tests (real QEMU under TCG; the .deb under systemd, the .deb's
+# and the .rpm's contents).
+test: deps guest qemu-new deb rpm selinux-check lint fuzz ansible-sanity
 	$(CARGO) nextest run --locked --profile ci
 
 # Benchmarks print their figures (docs/benchmarks.md); not part of `make test`.

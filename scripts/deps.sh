@@ -17,6 +17,7 @@ done
 [ -e /usr/share/seabios/bios-256k.bin ] || missing=1
 [ -r /usr/share/selinux/devel/Makefile ] || missing=1
 pkg-config --exists libsystemd 2>/dev/null || missing=1
+command -v rpmbuild >/dev/null 2>&1 || missing=1 # make rpm (Debian's rpm package)
 # ansible/test/setup.sh makes a venv (Debian's python3 needs python3-venv for it)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing=1
 [ "$(dpkg-query -W -f='${Status}' qemu-system-x86 2>/dev/null || true)" = "install ok installed" ] || missing=1
@@ -35,6 +36,7 @@ if [ "$missing" = 1 ]; then
   fi
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 -q install -y \
     --no-install-recommends --allow-downgrades \
+    rpm \
     qemu-system-x86 "$utils" seabios ipxe-qemu cpio gcc libc6-dev iproute2 util-linux kmod xz-utils \
     libsystemd-dev pkg-config systemd python3 python3-venv procps \
     selinux-policy-dev checkpolicy semodule-utils policycoreutils bzip2 shellcheck prometheus

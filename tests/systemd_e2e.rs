@@ -2,31 +2,45 @@
 //! guest when QEMU itself is upgraded with dpkg. The scenario is
 //! tests/systemd/e2e.sh (systemd booted as PID 1 in namespaces over
 //! overlays, so the host is untouched); this test runs it and checks the
-//! guest's console across the agent restart and the upgrade.
+//! guest's console across the agent restart, the upgrade of qlive itself
+//! and the QEMU upgrade.
 //!
-//! Needs `make deb` (target/debian/qlive_*.deb) and `make qemu-new`
-//! (target/qemu-new/debs): `make test` builds both first.
+//! Needs `make deb` (target/debian/qlive_*.deb and the higher-versioned
+//! target/debian-next/qlive_*.deb) and `make qemu-new` (target/qemu-new/debs):
+//! `make test` builds both first.
 
 mod common;
 
 use common::*;
 
-/// The package `make deb` built.
-fn qlive_deb() -> std::path::PathBuf {
-    std::fs::read_dir(repo_root().join("target/debian"))
+/// The .deb in `target/DIR`, which `make deb` fills.
+fn deb_in(dir: &str) -> std::path::PathBuf {
+    std::fs::read_dir(repo_root().join("target").join(dir))
         .ok()
         .into_iter()
         .flatten()
         .flatten()
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .expect("qlive .deb missing in target/debian: run `make deb`")
+        .unwrap_or_else(|| panic!("qlive .deb missing in target/{dir}: run `make deb`"))
+}
+
+/// The package `make deb` built.
+fn qlive_deb() -> std::path::PathBuf {
+    deb_in("debian")
+}
+
+/// The same package with a higher version (`make deb`, target/debian-next),
+/// installed over the first for the self-upgrade.
+fn qlive_next_deb() -> std::path::PathBuf {
+    deb_in("debian-next")
 }
 
 #[test]
 fn dpkg_upgrade_of_qemu_moves_the_guest_under_systemd() {
     let root = repo_root();
     let deb = qlive_deb();
+    let next_deb = qlive_next_deb();
     let debs = root.join("target/qemu-new/debs");
     assert!(
         debs.is_dir(),
@@ -39,6 +53,7 @@ fn dpkg_upgrade_of_qemu_moves_the_guest_under_systemd() {
         .unwrap();
     let out = std::process::Command::new(root.join("tests/systemd/e2e.sh"))
         .arg(&deb)
+        .arg(&next_deb)
         .arg(&debs)
         .arg(g.kernel.parent().unwrap())
         .arg(scratch.path())
@@ -60,12 +75,13 @@ fn dpkg_upgrade_of_qemu_moves_the_guest_under_systemd() {
         .and_then(|s| s.split("CONSOLE_LOG_END").next())
         .expect("console log in e2e output");
     let hb = Heartbeat::parse(log.as_bytes());
-    assert!(hb.count > 800, "heartbeats seen: {}", hb.count);
-    hb.assert_intact("guest console across agent restart and QEMU package upgrade");
+    assert!(hb.count > 1000, "heartbeats seen: {}", hb.count);
+    hb.assert_intact("guest console across agent restart, qlive and QEMU package upgrades");
 }
 
-/// The package carries the binary, the three units, tmpfiles/sysusers
-/// snippets, the docs, its maintainer scripts and the QEMU trigger.
+/// The package carries the binary, the units, tmpfiles/sysusers snippets,
+/// the docs, a man page per subcommand, the shell completions, its
+/// maintainer scripts and the QEMU trigger.
 #[test]
 fn deb_contents() {
     let deb = qlive_deb();
@@ -80,14 +96,34 @@ fn deb_contents() {
         "./lib/systemd/system/qlive.service",
         "./lib/systemd/system/qlive.socket",
         "./lib/systemd/system/qlive-upgrade.service",
+        "./lib/systemd/system/qlive-metrics.service",
+        "./lib/systemd/system/qlive-metrics.timer",
         "./usr/lib/tmpfiles.d/qlive.conf",
         "./usr/lib/sysusers.d/qlive.conf",
         "./usr/share/doc/qlive/docs/operations.md",
         "./usr/share/selinux/packages/qlive/qlive.pp",
         "./usr/share/selinux/devel/include/contrib/qlive.if",
+        "./usr/share/man/man1/qlive-upgrade.1.gz",
+        "./usr/share/bash-completion/completions/qlive",
+        "./usr/share/zsh/vendor-completions/_qlive",
+        "./usr/share/fish/vendor_completions.d/qlive.fish",
     ] {
         assert!(
             listing.lines().any(|l| l.ends_with(f)),
+            "{f} missing from the .deb:\n{listing}"
+        );
+    }
+    let units = repo_units();
+    assert!(units.len() >= 5, "units in systemd/: {units:?}");
+    let pages = man_pages();
+    assert!(pages.len() > 10, "subcommands found: {pages:?}");
+    for f in units
+        .iter()
+        .map(|u| format!("./lib/systemd/system/{u}"))
+        .chain(pages.iter().map(|p| format!("./usr/share/man/man1/{p}")))
+    {
+        assert!(
+            listing.lines().any(|l| l.ends_with(&f)),
             "{f} missing from the .deb:\n{listing}"
         );
     }

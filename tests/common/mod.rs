@@ -55,6 +55,38 @@ pub fn guest_image() -> GuestImage {
     GuestImage { kernel, initrd }
 }
 
+/// The man pages `examples/gen-assets.rs` writes (`make assets`) and the
+/// packages install: `qlive.1.gz`, and `qlive-SUB.1.gz` for every subcommand
+/// of the CLI as it is now (hidden ones and `help` have none).
+pub fn man_pages() -> Vec<String> {
+    use clap::CommandFactory;
+    let cli = qlive::cli::Cli::command();
+    let mut pages = vec!["qlive.1.gz".to_string()];
+    pages.extend(
+        cli.get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+            .map(|s| format!("qlive-{}.1.gz", s.get_name())),
+    );
+    pages
+}
+
+/// The units in `systemd/` (`*.service`, `*.socket`, `*.timer`): the
+/// packages must install every one.
+pub fn repo_units() -> Vec<String> {
+    let mut units: Vec<String> = std::fs::read_dir(repo_root().join("systemd"))
+        .expect("reading systemd/")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            [".service", ".socket", ".timer"]
+                .iter()
+                .any(|x| n.ends_with(x))
+        })
+        .collect();
+    units.sort();
+    units
+}
+
 pub struct Rig {
     pub dir: tempfile::TempDir,
     pub state: PathBuf,

@@ -1,15 +1,18 @@
 #!/bin/bash
 # End-to-end under real systemd (booted in namespaces over overlays of this
 # host, see boot-ns.sh): install the qlive .deb, start a guest through socket
-# activation, restart qlive.service under it, then upgrade QEMU 7.2 -> 10.0
-# with dpkg as a package upgrade does. qlive's dpkg trigger must start
+# activation, restart qlive.service under it, install a newer qlive .deb
+# under it (a self-upgrade), then upgrade QEMU 7.2 -> 10.0 with dpkg as a
+# package upgrade does. qlive's dpkg trigger must start
 # qlive-upgrade.service, which moves the guest to the new QEMU with its
 # heartbeat unbroken. Nothing on the host is changed: every write goes to
 # the overlays in SCRATCH, which is removed at the end.
 #
-# usage: e2e.sh QLIVE_DEB QEMU_NEW_DEBS_DIR GUEST_DIR SCRATCH
+# usage: e2e.sh QLIVE_DEB QLIVE_NEXT_DEB QEMU_NEW_DEBS_DIR GUEST_DIR SCRATCH
+# (QLIVE_NEXT_DEB: the same package with a higher version, make deb's
+# target/debian-next/)
 set -euo pipefail
-DEB=$(realpath "$1"); NEWDEBS=$(realpath "$2"); GUEST=$(realpath "$3"); S=$4
+DEB=$(realpath "$1"); NEXTDEB=$(realpath "$2"); NEWDEBS=$(realpath "$3"); GUEST=$(realpath "$4"); S=$5
 here=$(dirname "$(realpath "$0")")
 mkdir -p "$S"; S=$(realpath "$S")
 pid=""
@@ -47,9 +50,25 @@ step "systemd booted in a namespace (host pid $pid)"
 mode=$("${NS[@]}" stat -c '%a %U:%G' /run/qlive/qlive.sock)
 [ "$mode" = "660 root:qlive" ] || fail "API socket is $mode, want 660 root:qlive"
 "${NS[@]}" systemd-analyze verify /lib/systemd/system/qlive.service /lib/systemd/system/qlive.socket \
-  /lib/systemd/system/qlive-upgrade.service || fail "systemd-analyze verify"
+  /lib/systemd/system/qlive-upgrade.service /lib/systemd/system/qlive-metrics.service \
+  /lib/systemd/system/qlive-metrics.timer || fail "systemd-analyze verify"
 [ "$("${NS[@]}" dpkg-query -W -f="\${Status}" qlive)" = "install ok installed" ] || fail "qlive not installed"
-step "package installed; units verified; socket 660 root:qlive"
+"${NS[@]}" systemctl is-enabled --quiet qlive-metrics.timer || fail "qlive-metrics.timer not enabled"
+"${NS[@]}" systemctl is-active --quiet qlive-metrics.timer || fail "qlive-metrics.timer not active"
+step "package installed; units verified; socket 660 root:qlive; qlive-metrics.timer enabled and active"
+
+# man finds the pages the package installed (man-db, the namespace's /usr),
+# and renders them; bash loads the completion.
+page=$("${NS[@]}" man -w qlive-upgrade) || fail "man -w qlive-upgrade"
+[ "$page" = /usr/share/man/man1/qlive-upgrade.1.gz ] || fail "man -w qlive-upgrade: $page"
+output_has "qlive(1)" "${NS[@]}" env MANPAGER=cat MANWIDTH=80 man qlive-upgrade ||
+  fail "man qlive-upgrade renders no SEE ALSO qlive(1)"
+output_has "qlive-upgrade(1)" "${NS[@]}" env MANPAGER=cat MANWIDTH=80 man qlive ||
+  fail "man qlive does not list qlive-upgrade(1)"
+"${NS[@]}" test -f /usr/share/bash-completion/completions/qlive || fail "no bash completion"
+output_has "_qlive qlive" "${NS[@]}" bash -c '. /usr/share/bash-completion/completions/qlive && complete -p qlive' ||
+  fail "the bash completion does not define completion for qlive"
+step "man qlive-upgrade: $page; bash completion loads"
 
 cat >"$S/vm.json" <<JSON
 {"name": "vm", "emulator": "/usr/bin/qemu-system-x86_64", "accel": "tcg", "memory_mib": 256,
@@ -72,6 +91,9 @@ quser=$("${NS[@]}" ps -o user= -p "$pid1" | tr -d ' ')
 [ "$quser" = qlive-qemu ] || fail "QEMU runs as $quser, want qlive-qemu"
 step "guest running on QEMU $(info qemu_version), pid $pid1, heartbeat $(hb)"
 
+# (Here, with a guest running: the check of the metrics file that
+# qlive-metrics.service writes, once `qlive metrics` exists.)
+
 "${NS[@]}" systemctl restart qlive.service
 "${NS[@]}" systemctl is-active --quiet qlive.service || fail "qlive.service not active after restart"
 [ "$(info pid)" = "$pid1" ] || fail "guest QEMU changed across an agent restart"
@@ -80,6 +102,37 @@ output_has "re-adopted running instance" "${NS[@]}" journalctl -u qlive.service 
   fail "journal lacks the re-adoption"
 h=$(hb); wait_hb_past "$((h + 300))"
 step "systemctl restart qlive.service: guest kept running (pid $pid1), re-adopted"
+
+# A self-upgrade: dpkg -i of a newer qlive under the running guest.
+# postinst's `systemctl try-restart qlive.service` starts the new agent
+# (KillMode=process: QEMU stays), which re-adopts the guest.
+agent1=$("${NS[@]}" systemctl show -p MainPID --value qlive.service)
+next_version=$(dpkg-deb -f "$NEXTDEB" Version)
+[ "$next_version" != "$(dpkg-deb -f "$DEB" Version)" ] || fail "$NEXTDEB has the installed version"
+"${NS[@]}" dpkg -i "$NEXTDEB" >"$S/dpkg-qlive-next.log" 2>&1 ||
+  fail "dpkg -i qlive $next_version: $(tail -5 "$S/dpkg-qlive-next.log")"
+[ "$("${NS[@]}" dpkg-query -W -f="\${Version}" qlive)" = "$next_version" ] ||
+  fail "qlive $next_version not installed"
+"${NS[@]}" systemctl is-active --quiet qlive.service || fail "qlive.service not active after the upgrade"
+agent2=$("${NS[@]}" systemctl show -p MainPID --value qlive.service)
+if [ "$agent2" = 0 ] || [ "$agent2" = "$agent1" ]; then
+  fail "qlive.service not restarted by the upgrade (MainPID $agent1, now $agent2)"
+fi
+[ "$(info pid)" = "$pid1" ] || fail "guest QEMU changed across the qlive upgrade"
+[ "$(info state)" = running ] || fail "guest not running after the qlive upgrade"
+# the new agent's own journal (its pid), not the earlier agents'
+readopted=""
+for _ in $(seq 50); do
+  if output_has "re-adopted running instance" "${NS[@]}" journalctl _PID="$agent2" --no-pager; then
+    readopted=1; break
+  fi
+  sleep 0.1
+done
+[ -n "$readopted" ] || fail "the journal of the new agent (pid $agent2) lacks the re-adoption"
+n=$("${NS[@]}" pgrep -c qemu-system || true)
+[ "$n" = 1 ] || fail "$n QEMU processes after the qlive upgrade, want 1"
+h=$(hb); wait_hb_past "$((h + 300))"
+step "dpkg -i qlive $next_version: agent restarted (pid $agent1 -> $agent2), guest kept running (pid $pid1), re-adopted"
 
 output_has "vm: current" "${NS[@]}" qlive stale || fail "guest stale before any upgrade"
 step "upgrading QEMU with dpkg: $(cd "$NEWDEBS" && echo *.deb)"
