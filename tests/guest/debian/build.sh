@@ -262,6 +262,14 @@ systemctl --root="$ROOT" --quiet mask modprobe@drm.service modprobe@fuse.service
     modprobe@loop.service modprobe@dm_mod.service modprobe@configfs.service \
     sys-kernel-debug.mount sys-kernel-tracing.mount sys-kernel-config.mount \
     sys-fs-fuse-connections.mount systemd-network-generator.service
+# Generators for what this guest has not (LUKS, verity, integrity, hibernation,
+# SysV scripts, rc.local, offline updates, a GPT-discovered root, gettys): each
+# is a process at every boot and reload. Kept: fstab and debug (systemd.mask=,
+# systemd.wants= on the kernel command line).
+mkdir -p "$ROOT/etc/systemd/system-generators"
+for g in cryptsetup getty gpt-auto hibernate-resume integritysetup rc-local run system-update sysv veritysetup; do
+    ln -sf /dev/null "$ROOT/etc/systemd/system-generators/systemd-$g-generator"
+done
 
 # ---- slimming: docs, translations, package caches, drivers no VM has ----
 kver=$(find "$ROOT/usr/lib/modules" -mindepth 1 -maxdepth 1 -printf '%f\n' | sort -V | tail -n1)

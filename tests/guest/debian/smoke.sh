@@ -299,9 +299,10 @@ log "  reboot (guest-shutdown mode=reboot)"
 t=$(now)
 py qga-send "$QGA" guest-shutdown '{"mode": "reboot"}'
 wait_line QLIVE-GUEST-REBOOT 1 >/dev/null
+t_down=$(since "$t")
 ready=$(wait_line QLIVE-GUEST-READY 2)
 log "  $ready"
-log "  reboot to ready: $(since "$t") s"
+log "  reboot request to ready: $(since "$t") s (shutdown $t_down s)"
 no_errors
 [[ $(field "$ready" boot) == 2 ]] || die "unexpected ready line after reboot: $ready"
 [[ $(count "QLIVE-EFIVAR value=$VALUE") == 1 && $(count "QLIVE-EFIVAR-WRITTEN") == 1 ]] ||
@@ -309,8 +310,10 @@ no_errors
 log "  EFI variable $QLIVE_DEBIAN_EFIVAR = $VALUE survived the reboot"
 
 log "  poweroff (guest-shutdown)"
+t=$(now)
 py qga-send "$QGA" guest-shutdown '{"mode": "powerdown"}'
 wait_exit
+log "  QEMU exited $(since "$t") s after the request"
 [[ $(count QLIVE-GUEST-POWEROFF) == 1 ]] || die "no QLIVE-GUEST-POWEROFF: not a clean shutdown"
 py vars-has "$S/vars.fd" QliveTest "$VALUE" >/dev/null || die "the VARS copy does not hold QliveTest=$VALUE"
 log "  VARS copy holds QliveTest = $VALUE"
