@@ -178,19 +178,23 @@ log "mirror $MIRROR ($SUITE), keyring ${KEYRING}"
 # ---- staging ----
 CACHE=$OUT/cache
 mkdir -p "$CACHE"
-WORK=$(mktemp -d "$OUT/.stage.XXXXXX")
-cleanup() {
-    # Everything that mounted ran in a private mount namespace, so nothing is
-    # mounted below $WORK; refuse to delete if something is all the same.
+# Remove staging dir $1. Everything that mounted ran in a private mount
+# namespace, so nothing is mounted below it; refuse if something is anyway.
+remove_stage() {
     local mounts
-    mounts=$(awk -v w="$WORK/" 'index($5, w) == 1 {print $5}' /proc/self/mountinfo)
+    mounts=$(awk -v w="$1/" 'index($5, w) == 1 {print $5}' /proc/self/mountinfo)
     if [[ -n $mounts ]]; then
-        log "not removing $WORK: mounts below it: $mounts"
+        log "not removing $1: mounts below it: $mounts"
         return
     fi
-    rm -rf "$WORK"
+    rm -rf "$1"
 }
-trap cleanup EXIT
+# Leftovers of a build that was killed (we hold the lock: none is running).
+for old in "$OUT"/.stage.*; do
+    [[ ! -d $old ]] || remove_stage "$old"
+done
+WORK=$(mktemp -d "$OUT/.stage.XXXXXX")
+trap 'remove_stage "$WORK"' EXIT
 ROOT=$WORK/root
 # In a private mount namespace: debootstrap's /proc and /sys mounts in the
 # chroot vanish with it, also when the build is killed.
