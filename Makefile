@@ -18,6 +18,16 @@ build: deps
 guest: deps
 	tests/guest/build.sh $(GUEST_DIR)
 
+# The real Debian 12 guest (tests/guest/debian/): a UEFI disk image with
+# systemd, qemu-guest-agent and a TCP stream service; and its smoke check on
+# QEMU 7.2 and 10.0. Not part of `make test` yet.
+.PHONY: debian-guest debian-guest-smoke
+debian-guest: deps
+	tests/guest/debian/build.sh target/debian-guest
+
+debian-guest-smoke: debian-guest qemu-new
+	tests/guest/debian/smoke.sh target/debian-guest
+
 # The newer QEMU (bookworm-backports 10.0) unpacked under target/, not installed.
 qemu-new: deps
 	tests/rig/fetch-new-qemu.sh target/qemu-new

@@ -54,3 +54,12 @@ if ! cargo deb --version >/dev/null 2>&1; then
   echo "deps: installing cargo-deb"
   cargo install cargo-deb --locked
 fi
+# The Debian test guest (tests/guest/debian/build.sh, make debian-guest):
+# debootstrap, sgdisk, mtools and mkfs.vfat build the disk; OVMF boots it.
+if [ ! -x /usr/sbin/debootstrap ] || [ ! -x /sbin/sgdisk ] || [ ! -x /usr/bin/mcopy ] ||
+  [ ! -x /sbin/mkfs.vfat ] || [ ! -e /usr/share/OVMF/OVMF_CODE_4M.fd ]; then
+  echo "deps: installing the Debian test guest's tools"
+  [ "$missing" = 1 ] || $SUDO apt-get -o DPkg::Lock::Timeout=900 -q update
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 -q install -y \
+    --no-install-recommends debootstrap gdisk mtools dosfstools ovmf e2fsprogs
+fi
