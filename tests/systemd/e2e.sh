@@ -91,8 +91,23 @@ quser=$("${NS[@]}" ps -o user= -p "$pid1" | tr -d ' ')
 [ "$quser" = qlive-qemu ] || fail "QEMU runs as $quser, want qlive-qemu"
 step "guest running on QEMU $(info qemu_version), pid $pid1, heartbeat $(hb)"
 
-# (Here, with a guest running: the check of the metrics file that
-# qlive-metrics.service writes, once `qlive metrics` exists.)
+# The metrics file for node_exporter's textfile collector: the service is
+# skipped until its directory exists (ConditionPathIsDirectory=), then
+# writes it under its sandbox; promtool checks it.
+PROM=/var/lib/prometheus/node-exporter/qlive.prom
+metrics_run() {
+  "${NS[@]}" systemctl start qlive-metrics.service || fail "qlive-metrics.service failed"
+  [ "$("${NS[@]}" systemctl show -p Result --value qlive-metrics.service)" = success ] ||
+    fail "qlive-metrics.service result $("${NS[@]}" systemctl show -p Result --value qlive-metrics.service)"
+  "${NS[@]}" cat "$PROM" >"$S/prom.txt" || fail "no $PROM"
+  promtool check metrics <"$S/prom.txt" >"$S/promtool.log" 2>&1 ||
+    fail "promtool check metrics: $(cat "$S/promtool.log")"
+}
+"${NS[@]}" mkdir -p /var/lib/prometheus/node-exporter
+metrics_run
+grep -qx 'qlive_domains{state="running"} 1' "$S/prom.txt" || fail "metrics: no running domain in $(cat "$S/prom.txt")"
+grep -qx 'qlive_agent_up 1' "$S/prom.txt" || fail "metrics: agent not up"
+step "qlive-metrics.service wrote $PROM (promtool check metrics clean)"
 
 "${NS[@]}" systemctl restart qlive.service
 "${NS[@]}" systemctl is-active --quiet qlive.service || fail "qlive.service not active after restart"
@@ -152,6 +167,10 @@ res=$("${NS[@]}" systemctl show -p Result --value qlive-upgrade.service)
 output_has '"summary":{' "${NS[@]}" journalctl -u qlive-upgrade.service --no-pager || fail "no JSON summary in the journal"
 [ "$(info pid)" != "$pid1" ] || fail "guest pid unchanged after upgrade"
 output_has "vm: current (QEMU 10." "${NS[@]}" qlive stale || fail "guest still stale after upgrade"
+metrics_run
+grep -qx 'qlive_upgrade_last_run_success 1' "$S/prom.txt" || fail "metrics: last upgrade run not a success"
+grep -qx 'qlive_migrations_total{result="succeeded"} 1' "$S/prom.txt" || fail "metrics: the migration not counted"
+step "metrics after the upgrade run: last run succeeded, 1 migration counted"
 n=$("${NS[@]}" pgrep -c qemu-system || true)
 [ "$n" = 1 ] || fail "$n QEMU processes in the namespace, want 1"
 h=$(hb); wait_hb_past "$((h + 300))"
