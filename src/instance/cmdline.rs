@@ -46,13 +46,22 @@ pub const CONSOLE_FDSET: u32 = 1;
 /// The fd number of the console log inside QEMU: after guest RAM (3) and
 /// one tap per NIC (4..).
 pub fn console_fd(def: &Definition) -> i32 {
-    crate::instance::tap::FIRST_TAP_FD + def.nics.len() as i32
+    console_fd_for(def.nics.len())
+}
+
+/// [`console_fd`] of an instance with `nics` NICs (one tap each).
+pub fn console_fd_for(nics: usize) -> i32 {
+    crate::instance::tap::FIRST_TAP_FD + nics as i32
 }
 
 /// The fd number of the guest agent's listening socket inside QEMU, after
 /// the console log (crate::instance::endpoint).
 pub fn guest_agent_fd(def: &Definition) -> i32 {
-    console_fd(def) + 1
+    guest_agent_fd_for(def.nics.len())
+}
+
+pub fn guest_agent_fd_for(nics: usize) -> i32 {
+    console_fd_for(nics) + 1
 }
 
 pub const GUEST_AGENT_CHARDEV: &str = "qlive-guest-agent";
@@ -61,7 +70,11 @@ pub const GUEST_AGENT_CHARDEV: &str = "qlive-guest-agent";
 /// use it (the agent accepts and hands connections over with `add_client`);
 /// it holds it so the socket outlives an agent restart.
 pub fn vnc_fd(def: &Definition) -> i32 {
-    console_fd(def) + 2
+    vnc_fd_for(def.nics.len())
+}
+
+pub fn vnc_fd_for(nics: usize) -> i32 {
+    console_fd_for(nics) + 2
 }
 
 /// QemuOpts values escape a comma by doubling it.

@@ -630,24 +630,16 @@ pub async fn adopt(record: InstanceRecord) -> Result<Instance, InstanceError> {
         .enumerate()
         .map(|(i, name)| Tap::recover(&pidfd, FIRST_TAP_FD + i as i32, name))
         .collect::<Result<Vec<_>, _>>()?;
-    // The guest agent's fd number follows the console log's, which follows
-    // the taps: one per recorded tap.
-    let guest_agent = match &record.guest_agent {
-        Some(path) => Some(Endpoint::recover(
-            &pidfd,
-            FIRST_TAP_FD + record.taps.len() as i32 + 1,
-            path,
-        )?),
-        None => None,
+    // The stable sockets' fd numbers follow the console log's, which
+    // follows the taps: one per recorded tap.
+    let nics = record.taps.len();
+    let recover = |path: &Option<PathBuf>, fd: i32| {
+        path.as_ref()
+            .map(|p| Endpoint::recover(&pidfd, fd, p))
+            .transpose()
     };
-    let vnc = match &record.vnc {
-        Some(path) => Some(Endpoint::recover(
-            &pidfd,
-            FIRST_TAP_FD + record.taps.len() as i32 + 2,
-            path,
-        )?),
-        None => None,
-    };
+    let guest_agent = recover(&record.guest_agent, cmdline::guest_agent_fd_for(nics))?;
+    let vnc = recover(&record.vnc, cmdline::vnc_fd_for(nics))?;
     let qmp = Qmp::connect(&record.paths.qmp)
         .await
         .map_err(|source| InstanceError::Qmp {
