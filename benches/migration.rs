@@ -184,6 +184,8 @@ impl Direct {
             labels: None,
             run_as: None,
             data_dirs: &[],
+            nvram: None,
+            inherit_firmware: None,
         })
         .await
         .expect("spawn");

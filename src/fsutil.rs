@@ -104,6 +104,11 @@ pub fn open_regular_nofollow(path: &Path) -> Result<File, NotRegularError> {
     open_regular_with(path, OpenOptions::new().read(true))
 }
 
+/// [`open_regular_nofollow`] for reading and writing (an existing file).
+pub fn open_rw_nofollow(path: &Path) -> Result<File, NotRegularError> {
+    open_regular_with(path, OpenOptions::new().read(true).write(true))
+}
+
 /// [`open_regular_nofollow`] for a log: created (mode 0600) if absent,
 /// opened for appending (and reading, for a follower).
 pub fn open_log_nofollow(path: &Path, read: bool) -> Result<File, NotRegularError> {

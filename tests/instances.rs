@@ -45,6 +45,8 @@ async fn two_instances_of_one_domain_do_not_clash() {
         labels: None,
         run_as: None,
         data_dirs: &[],
+        nvram: None,
+        inherit_firmware: None,
     };
     // Kills both QEMUs even if an assertion below panics.
     struct Guard(Vec<i32>);

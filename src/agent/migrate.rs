@@ -77,6 +77,10 @@ impl Host for DomainHost {
             .agent
             .selinux_labels(&self.dom.name)
             .map_err(MigrationError::Labels)?;
+        // The NVRAM exists since the first start; the destination opens
+        // the same file (its spawn fails, naming it, if it is gone).
+        let nvram = (def.firmware == crate::domain::definition::Firmware::Uefi)
+            .then(|| self.agent.nvram_path(&self.dom.name));
         instance::spawn(SpawnSpec {
             def,
             domid,
@@ -91,6 +95,8 @@ impl Host for DomainHost {
             labels,
             run_as: self.agent.qemu_user.as_ref(),
             data_dirs: &info.data_dirs,
+            nvram: nvram.as_deref(),
+            inherit_firmware: Some(src.running_firmware()),
         })
         .await
         .map_err(MigrationError::SpawnDestination)

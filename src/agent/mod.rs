@@ -350,6 +350,48 @@ impl Agent {
         crate::console::log_path(&self.cfg.state_dir, name)
     }
 
+    fn nvram_path(&self, name: &str) -> PathBuf {
+        crate::instance::firmware::nvram_path(&self.cfg.state_dir, name)
+    }
+
+    /// A UEFI domain's NVRAM, created from its template at the first start
+    /// (crate::instance::firmware); None for a BIOS domain.
+    fn prepare_nvram(&self, def: &Definition) -> Result<Option<PathBuf>, AgentError> {
+        use crate::instance::firmware::{ensure_nvram, FirmwareError};
+        if def.firmware != crate::domain::definition::Firmware::Uefi {
+            return Ok(None);
+        }
+        let path = self.nvram_path(&def.name);
+        let template = def
+            .nvram_template
+            .as_deref()
+            .unwrap_or(Path::new(crate::domain::definition::OVMF_VARS));
+        match ensure_nvram(&path, template) {
+            Ok(true) => {
+                tracing::info!(domain = %def.name, nvram = %path.display(), template = %template.display(), "NVRAM created from its template")
+            }
+            Ok(false) => {}
+            Err(FirmwareError::Open {
+                field,
+                path,
+                source,
+            }) => {
+                return Err(DefinitionError::Invalid {
+                    field: field.into(),
+                    reason: format!("{}: {}", path.display(), crate::error::chain(&source)),
+                }
+                .into())
+            }
+            Err(e) => {
+                return Err(AgentError::Start {
+                    name: def.name.clone(),
+                    source: crate::instance::InstanceError::Firmware(e),
+                })
+            }
+        }
+        Ok(Some(path))
+    }
+
     fn write_status(&self, name: &str, rec: &InstanceRecord) -> Result<(), AgentError> {
         let path = self.status_path(name);
         let doc = StatusFile {

@@ -177,6 +177,21 @@ impl Agent {
             let b = super::random_u32().to_le_bytes();
             [b[0], b[1], b[2]]
         });
+        def.assign_firmware_defaults();
+        // The firmware images must be there now, like the emulator.
+        for (field, p) in [
+            ("firmware_code", &def.firmware_code),
+            ("nvram_template", &def.nvram_template),
+        ] {
+            if let Some(p) = p {
+                crate::instance::firmware::check_readable(field, p).map_err(|e| {
+                    DefinitionError::Invalid {
+                        field: field.into(),
+                        reason: format!("{}: {}", p.display(), crate::error::chain(&e)),
+                    }
+                })?;
+            }
+        }
         // What is stored must load again: check the completed definition.
         def.validate()?;
         let mut table = self.table();
@@ -239,6 +254,9 @@ impl Agent {
         st.removed = true;
         dom.stop_console();
         let _ = crate::fsutil::remove_file_if_exists(&self.console_log(&dom.name));
+        if let Err(e) = crate::fsutil::remove_file_if_exists(&self.nvram_path(&dom.name)) {
+            tracing::warn!(domain = %dom.name, error = %e, "removing the NVRAM");
+        }
         let _ = crate::fsutil::remove_dir_all_if_exists(&crate::instance::paths::domain_run_dir(
             &self.cfg.run_dir,
             &dom.name,
@@ -302,7 +320,11 @@ impl Agent {
             }
             st.def = pinned;
         }
-        for (field, p) in [("kernel", &st.def.kernel), ("initrd", &st.def.initrd)] {
+        for (field, p) in [
+            ("kernel", &st.def.kernel),
+            ("initrd", &st.def.initrd),
+            ("firmware_code", &st.def.firmware_code),
+        ] {
             if let Some(p) = p {
                 if !p.is_file() {
                     return Err(DefinitionError::Invalid {
@@ -314,6 +336,7 @@ impl Agent {
             }
         }
         self.check_qemu_access(&st.def)?;
+        let nvram = self.prepare_nvram(&st.def)?;
         let accel = match st.def.accel {
             Accel::Kvm => EffectiveAccel::Kvm,
             Accel::Tcg => EffectiveAccel::Tcg,
@@ -392,6 +415,8 @@ impl Agent {
             labels,
             run_as: self.qemu_user.as_ref(),
             data_dirs: &info.data_dirs,
+            nvram: nvram.as_deref(),
+            inherit_firmware: None,
         })
         .await
         .map_err(|source| {
@@ -714,11 +739,14 @@ impl Agent {
                 Run::Running(i) => i.record.clone(),
                 _ => continue,
             };
-            let reasons = crate::upgrade::stale::check(rec.process.pid, &rec.loaded);
-            let (stale, reasons, error) = match reasons {
-                Ok(r) => (!r.is_empty(), r, None),
-                Err(e) => (false, vec![], Some(error_chain(&e))),
+            let recorded: Vec<_> = rec.loaded.iter().chain(&rec.firmware).cloned().collect();
+            let reasons = crate::upgrade::stale::check(rec.process.pid, &recorded);
+            let (reasons, error) = match reasons {
+                Ok(r) => (r, None),
+                Err(e) => (vec![], Some(error_chain(&e))),
             };
+            let stale = reasons.iter().any(|r| !r.kind.needs_restart());
+            let restart_required = reasons.iter().any(|r| r.kind.needs_restart());
             out.push(api::StaleEntry {
                 name: d.name.clone(),
                 domid: rec.domid,
@@ -726,12 +754,14 @@ impl Agent {
                 emulator: rec.emulator,
                 qemu_version: rec.qemu_version.to_string(),
                 stale,
+                restart_required,
                 reasons: reasons
                     .iter()
                     .map(|r| api::StaleReasonInfo {
                         kind: r.kind.as_str().into(),
                         path: r.path.clone(),
                         text: r.to_string(),
+                        restart_required: r.kind.needs_restart(),
                     })
                     .collect(),
                 error,
@@ -786,6 +816,15 @@ impl Agent {
             cpu: def.cpu.clone(),
             memory_mib: def.memory_mib,
             hugepages: def.hugepages.map(|h| h.as_str().to_string()),
+            firmware: (def.firmware == crate::domain::definition::Firmware::Uefi).then(|| {
+                api::FirmwareInfo {
+                    kind: def.firmware.as_str().into(),
+                    code: def.firmware_code.clone().unwrap_or_default(),
+                    nvram_template: def.nvram_template.clone().unwrap_or_default(),
+                    nvram: self.nvram_path(&dom.name),
+                    secure_boot: def.secure_boot,
+                }
+            }),
             disks: def
                 .disks
                 .iter()

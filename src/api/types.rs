@@ -124,6 +124,9 @@ pub struct DomainInfo {
     /// `2M` or `1G` when guest RAM is on huge pages; absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hugepages: Option<String>,
+    /// The UEFI firmware; absent for a BIOS domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<FirmwareInfo>,
     pub disks: Vec<DiskInfo>,
     pub nics: Vec<NicInfo>,
     pub selinux: SelinuxInfo,
@@ -172,6 +175,19 @@ pub struct DiskInfo {
     pub cache: String,
     /// `threads`, `native` or `io_uring`.
     pub aio: String,
+}
+
+/// `info.firmware`: a UEFI domain's flash images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FirmwareInfo {
+    /// `uefi`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub code: PathBuf,
+    pub nvram_template: PathBuf,
+    /// The domain's own NVRAM (created at its first start).
+    pub nvram: PathBuf,
+    pub secure_boot: bool,
 }
 
 /// `info.nics[]`: a NIC as stored; a field without a value is absent.
@@ -244,8 +260,14 @@ pub struct StaleEntry {
     /// The emulator the instance was started from.
     pub emulator: PathBuf,
     pub qemu_version: String,
-    /// `reasons` is not empty.
+    /// A live upgrade would move the guest onto files it does not run
+    /// yet: some reason does not need a restart.
     pub stale: bool,
+    /// Some reason only a cold restart (stop, start) resolves: replaced
+    /// firmware, which the guest keeps running across migrations and
+    /// reboots. `qlive upgrade --stale` does not select for it.
+    #[serde(default)]
+    pub restart_required: bool,
     pub reasons: Vec<StaleReasonInfo>,
     /// Why the check failed; then `stale` is false and `reasons` empty.
     pub error: Option<String>,
@@ -259,6 +281,9 @@ pub struct StaleReasonInfo {
     pub path: PathBuf,
     /// What `qlive stale` prints.
     pub text: String,
+    /// Only a cold restart resolves it (firmware).
+    #[serde(default)]
+    pub restart_required: bool,
 }
 
 /// `preflight`.
@@ -594,6 +619,7 @@ mod tests {
             cpu: None,
             memory_mib: 256,
             hugepages: None,
+            firmware: None,
             disks: vec![],
             nics: vec![NicInfo {
                 mac: Some("52:54:00:00:00:01".into()),

@@ -136,13 +136,25 @@ pub fn render(list: &[ListEntry], stale: &[StaleEntry], m: &Metrics) -> String {
     e.family(
         "qlive_domain_stale",
         Kind::Gauge,
-        "Whether a running domain's QEMU runs on files replaced or deleted on disk since it started (qlive stale).",
+        "Whether a running domain's QEMU runs on files replaced or deleted on disk since it started, which a live upgrade refreshes (qlive stale).",
     );
     for s in stale.iter().filter(|s| s.error.is_none()) {
         e.sample(
             "qlive_domain_stale",
             &[("domain", &s.name)],
             if s.stale { 1.0 } else { 0.0 },
+        );
+    }
+    e.family(
+        "qlive_domain_restart_required",
+        Kind::Gauge,
+        "Whether a running domain runs firmware replaced on disk since it booted, which only a cold restart (stop, start) loads (qlive stale).",
+    );
+    for s in stale.iter().filter(|s| s.error.is_none()) {
+        e.sample(
+            "qlive_domain_restart_required",
+            &[("domain", &s.name)],
+            if s.restart_required { 1.0 } else { 0.0 },
         );
     }
     e.family(
@@ -284,7 +296,8 @@ mod tests {
             pid: 2,
             emulator: "/usr/bin/qemu-system-x86_64".into(),
             qemu_version: "7.2.22".into(),
-            stale: !reasons.is_empty(),
+            stale: reasons.iter().any(|r| !r.restart_required),
+            restart_required: reasons.iter().any(|r| r.restart_required),
             reasons,
             error: error.map(String::from),
         }
@@ -305,6 +318,7 @@ mod tests {
                     kind: "exe-replaced".into(),
                     path: "/usr/bin/qemu-system-x86_64".into(),
                     text: "executable replaced: /usr/bin/qemu-system-x86_64".into(),
+                    restart_required: false,
                 }],
                 None,
             ),
@@ -336,6 +350,7 @@ mod tests {
             "qlive_domain_info{domain=\"a\",state=\"running\",qemu_version=\"7.2.22\"} 1\n",
             "qlive_domain_info{domain=\"c\",state=\"shut-off\",qemu_version=\"\"} 1\n",
             "qlive_domain_stale{domain=\"a\"} 1\n",
+            "qlive_domain_restart_required{domain=\"a\"} 0\n",
             "qlive_domain_stale_reason{domain=\"a\",kind=\"exe-replaced\",path=\"/usr/bin/qemu-system-x86_64\"} 1\n",
             "qlive_domain_stale_check_failed{domain=\"b\"} 1\n",
             "qlive_migrations_total{result=\"succeeded\"} 1\n",

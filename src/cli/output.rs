@@ -152,7 +152,7 @@ fn info(v: &DomainInfo) -> String {
             .map(|j| j.to_string())
             .unwrap_or_else(|e| format!("({e})"))
     });
-    let fields: [(&str, Option<String>); 16] = [
+    let fields: [(&str, Option<String>); 17] = [
         ("name", Some(v.name.clone())),
         ("uuid", Some(v.uuid.to_string())),
         ("state", Some(v.state.clone())),
@@ -167,6 +167,18 @@ fn info(v: &DomainInfo) -> String {
         ("cpu", v.cpu.clone()),
         ("memory_mib", Some(v.memory_mib.to_string())),
         ("hugepages", v.hugepages.clone()),
+        (
+            "firmware",
+            v.firmware.as_ref().map(|f| {
+                format!(
+                    "{}{} (code {}, NVRAM {})",
+                    f.kind,
+                    if f.secure_boot { ", Secure Boot" } else { "" },
+                    f.code.display(),
+                    f.nvram.display()
+                )
+            }),
+        ),
         ("console_log", Some(v.console_log.display().to_string())),
         ("job", Some(opt(job))),
     ];
@@ -285,16 +297,33 @@ fn stale(doms: &[StaleEntry]) -> String {
         out!(o, "no running domains");
     }
     for d in doms {
-        if d.stale {
+        if d.stale || d.restart_required {
+            let what = match (d.stale, d.restart_required) {
+                (true, true) => "STALE, RESTART REQUIRED",
+                (true, false) => "STALE",
+                _ => "RESTART REQUIRED",
+            };
             out!(
                 o,
-                "{}: STALE (QEMU {}, pid {})",
+                "{}: {what} (QEMU {}, pid {})",
                 d.name,
                 d.qemu_version,
                 d.pid
             );
             for r in &d.reasons {
-                out!(o, "    {}", r.text);
+                let note = if r.restart_required {
+                    " (restart required)"
+                } else {
+                    ""
+                };
+                out!(o, "    {}{note}", r.text);
+            }
+            if d.restart_required {
+                out!(
+                    o,
+                    "    the guest runs the firmware it booted with: a migration carries it and a \
+                     guest reboot keeps it; `qlive stop` and `qlive start` load the new image"
+                );
             }
         } else if let Some(e) = &d.error {
             out!(o, "{}: unknown ({e})", d.name);

@@ -134,6 +134,39 @@ impl HugePages {
     }
 }
 
+/// The guest's firmware (`firmware`). `bios` is QEMU's default (SeaBIOS
+/// on x86); `uefi` is OVMF from two pflash devices: the code read-only, and
+/// the domain's own NVRAM (EFI variables), created from a template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    #[default]
+    Bios,
+    Uefi,
+}
+
+impl Firmware {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Firmware::Bios => "bios",
+            Firmware::Uefi => "uefi",
+        }
+    }
+
+    fn is_bios(&self) -> bool {
+        *self == Firmware::Bios
+    }
+}
+
+/// Debian's `ovmf` package (4 MiB flash layout): the code and VARS
+/// template `define` pins when a UEFI definition names none.
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// The same with Secure Boot: code built with SMM, and a VARS template
+/// with Microsoft's keys enrolled (Secure Boot on).
+pub const OVMF_CODE_SECBOOT: &str = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd";
+pub const OVMF_VARS_SECBOOT: &str = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
+
 /// How the vCPUs are laid out (guest ABI): `sockets * cores * threads`
 /// must be `vcpus`. Without it QEMU picks the layout, by the rules of the
 /// pinned machine type.
@@ -321,6 +354,20 @@ pub struct Definition {
     /// pool; `memory_mib` must be a multiple of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hugepages: Option<HugePages>,
+    /// `bios` (default) or `uefi`.
+    #[serde(default, skip_serializing_if = "Firmware::is_bios")]
+    pub firmware: Firmware,
+    /// UEFI code image, read-only (pflash 0). Pinned at define:
+    /// [`OVMF_CODE`] (or [`OVMF_CODE_SECBOOT`]) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware_code: Option<PathBuf>,
+    /// The VARS image the domain's NVRAM is created from, once, at its
+    /// first start. Pinned at define like `firmware_code`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvram_template: Option<PathBuf>,
+    /// Secure Boot: SMM on, the flash writable only from SMM.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub secure_boot: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -530,6 +577,7 @@ impl Definition {
                 ));
             }
         }
+        self.validate_firmware()?;
         if let Some(k) = &self.kernel {
             check_abs_path("kernel", k)?;
         }
@@ -654,6 +702,23 @@ impl Definition {
                          set `vnc: true` (docs/devices.md, escape hatches)",
                     ));
                 }
+                if o == "-drive" && value.is_some_and(|v| v.split(',').any(|p| p == "if=pflash"))
+                    || o == "-pflash"
+                {
+                    return Err(DefinitionError::invalid(
+                        format!("extra_args[{i}]"),
+                        "pflash drives are how qlive gives UEFI its code and NVRAM; set \
+                         `firmware: \"uefi\"` (and `firmware_code`, `nvram_template`) so the \
+                         NVRAM is the domain's own and stale detection sees the code \
+                         (docs/devices.md, escape hatches)",
+                    ));
+                }
+                if o == "-bios" && self.firmware == Firmware::Uefi {
+                    return Err(DefinitionError::invalid(
+                        format!("extra_args[{i}]"),
+                        "`-bios` conflicts with `firmware: \"uefi\"`; name the image in `firmware_code`",
+                    ));
+                }
                 if o == "-chardev" && value.is_some_and(|v| v.split(',').next() == Some("socket")) {
                     return Err(DefinitionError::invalid(
                         format!("extra_args[{i}]"),
@@ -665,6 +730,59 @@ impl Definition {
             }
         }
         Ok(())
+    }
+
+    fn validate_firmware(&self) -> Result<(), DefinitionError> {
+        if self.firmware == Firmware::Bios {
+            for (field, set) in [
+                ("firmware_code", self.firmware_code.is_some()),
+                ("nvram_template", self.nvram_template.is_some()),
+                ("secure_boot", self.secure_boot),
+            ] {
+                if set {
+                    return Err(DefinitionError::invalid(
+                        field,
+                        "requires `firmware: \"uefi\"`",
+                    ));
+                }
+            }
+            return Ok(());
+        }
+        if let Some(p) = &self.firmware_code {
+            check_abs_path("firmware_code", p)?;
+        }
+        if let Some(p) = &self.nvram_template {
+            check_abs_path("nvram_template", p)?;
+        }
+        let q35 = self.machine == "q35" || self.machine.starts_with("pc-q35-");
+        if self.secure_boot && !q35 {
+            return Err(DefinitionError::invalid(
+                "secure_boot",
+                format!(
+                    "needs SMM, which OVMF supports on q35 machines only (got machine {:?})",
+                    self.machine
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Pin the firmware images of a UEFI definition (at define): the
+    /// distribution's OVMF when none is named, so that what a domain boots
+    /// does not change with qlive's defaults.
+    pub fn assign_firmware_defaults(&mut self) {
+        if self.firmware != Firmware::Uefi {
+            return;
+        }
+        let (code, vars) = if self.secure_boot {
+            (OVMF_CODE_SECBOOT, OVMF_VARS_SECBOOT)
+        } else {
+            (OVMF_CODE, OVMF_VARS)
+        };
+        self.firmware_code
+            .get_or_insert_with(|| PathBuf::from(code));
+        self.nvram_template
+            .get_or_insert_with(|| PathBuf::from(vars));
     }
 
     /// Fill in what define generates: MACs and tap names. `uuid` must be
@@ -752,6 +870,9 @@ mod tests {
         for h in [HugePages::Size2M, HugePages::Size1G] {
             assert_eq!(name(serde_json::json!(h)), h.as_str());
         }
+        for f in [Firmware::Bios, Firmware::Uefi] {
+            assert_eq!(name(serde_json::json!(f)), f.as_str());
+        }
     }
 
     #[test]
@@ -768,6 +889,90 @@ mod tests {
         assert!(err(v.clone()).contains("`topology`"));
         v["topology"] = serde_json::json!({"sockets": 4, "cores": 1});
         assert!(err(v).contains("topology"));
+    }
+
+    #[test]
+    fn uefi_defaults_are_pinned_and_bios_fields_refused() {
+        let d = Definition::from_value(&base()).unwrap();
+        assert_eq!(d.firmware, Firmware::Bios);
+        assert!(serde_json::to_value(&d).unwrap().get("firmware").is_none());
+        for (field, value) in [
+            ("firmware_code", serde_json::json!("/fw/code.fd")),
+            ("nvram_template", serde_json::json!("/fw/vars.fd")),
+            ("secure_boot", serde_json::json!(true)),
+        ] {
+            let mut v = base();
+            v[field] = value;
+            let e = err(v);
+            assert!(
+                e.contains(&format!("`{field}`")) && e.contains("uefi"),
+                "{e}"
+            );
+        }
+        let mut v = base();
+        v["firmware"] = "uefi".into();
+        let mut d = Definition::from_value(&v).unwrap();
+        d.assign_firmware_defaults();
+        assert_eq!(d.firmware_code.as_deref(), Some(Path::new(OVMF_CODE)));
+        assert_eq!(d.nvram_template.as_deref(), Some(Path::new(OVMF_VARS)));
+        // stored and loaded again as pinned
+        let again = Definition::from_stored(&serde_json::to_value(&d).unwrap()).unwrap();
+        assert_eq!(again, d);
+        v["secure_boot"] = true.into();
+        let mut d = Definition::from_value(&v).unwrap();
+        d.assign_firmware_defaults();
+        assert_eq!(
+            d.firmware_code.as_deref(),
+            Some(Path::new(OVMF_CODE_SECBOOT))
+        );
+        assert_eq!(
+            d.nvram_template.as_deref(),
+            Some(Path::new(OVMF_VARS_SECBOOT))
+        );
+        // a named image is kept
+        v["firmware_code"] = "/opt/fw/CODE.fd".into();
+        let mut d = Definition::from_value(&v).unwrap();
+        d.assign_firmware_defaults();
+        assert_eq!(
+            d.firmware_code.as_deref(),
+            Some(Path::new("/opt/fw/CODE.fd"))
+        );
+        v["firmware_code"] = "fw/CODE.fd".into();
+        assert!(err(v.clone()).contains("`firmware_code`: must be an absolute path"));
+        v["firmware_code"] = "/opt/fw/CODE.fd".into();
+        v["machine"] = "pc".into();
+        let e = err(v.clone());
+        assert!(e.contains("`secure_boot`") && e.contains("q35"), "{e}");
+        v["secure_boot"] = false.into();
+        assert!(Definition::from_value(&v).is_ok());
+        v["firmware"] = "coreboot".into();
+        assert!(err(v).contains("firmware"));
+    }
+
+    #[test]
+    fn pflash_escape_hatches_are_refused_naming_firmware() {
+        for args in [
+            vec![
+                "-drive",
+                "if=pflash,format=raw,unit=0,readonly=on,file=/c.fd",
+            ],
+            vec!["--drive", "file=/v.fd,if=pflash,format=raw,unit=1"],
+            vec!["-pflash", "/c.fd"],
+        ] {
+            let mut v = base();
+            v["extra_args"] = serde_json::json!(args);
+            let e = err(v);
+            assert!(e.contains("extra_args[0]") && e.contains("firmware"), "{e}");
+        }
+        // other drives stay the user's business
+        let mut v = base();
+        v["extra_args"] = serde_json::json!(["-drive", "if=none,id=x,file=/d.img"]);
+        assert!(Definition::from_value(&v).is_ok());
+        // -bios only with the BIOS it replaces
+        v["extra_args"] = serde_json::json!(["-bios", "/b.bin"]);
+        assert!(Definition::from_value(&v).is_ok());
+        v["firmware"] = "uefi".into();
+        assert!(err(v).contains("`-bios` conflicts"));
     }
 
     #[test]

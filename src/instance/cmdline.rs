@@ -5,7 +5,7 @@
 //! pinned machine type, the same RAM backend at the same fd); only paths and
 //! `-incoming` differ between the source and destination of a migration.
 
-use crate::domain::definition::{Definition, Disk};
+use crate::domain::definition::{Definition, Disk, Firmware};
 use crate::instance::memory::GUEST_RAM_FD;
 use crate::instance::paths::InstancePaths;
 use serde_json::json;
@@ -77,6 +77,17 @@ pub fn vnc_fd_for(nics: usize) -> i32 {
     console_fd_for(nics) + 2
 }
 
+/// The fd number of the domain's NVRAM (UEFI variables) inside QEMU, after
+/// the VNC socket; the agent opens the file (crate::instance::firmware).
+pub fn nvram_fd(def: &Definition) -> i32 {
+    console_fd_for(def.nics.len()) + 3
+}
+
+/// The fd set the NVRAM fd is added to (`-add-fd`).
+pub const NVRAM_FDSET: u32 = 2;
+pub const FW_CODE_NODE: &str = "qlive-fw-code";
+pub const NVRAM_NODE: &str = "qlive-nvram";
+
 /// QemuOpts values escape a comma by doubling it.
 pub fn qemu_opt_escape(p: &Path) -> String {
     p.to_string_lossy().replace(',', ",,")
@@ -97,7 +108,14 @@ pub fn build(
     if let Some(u) = def.uuid {
         push(&["-uuid", &u.to_string()]);
     }
-    push(&["-machine", &format!("{machine},memory-backend={RAM_ID}")]);
+    let mut machine_opts = format!("{machine},memory-backend={RAM_ID}");
+    if def.firmware == Firmware::Uefi {
+        machine_opts.push_str(&format!(",pflash0={FW_CODE_NODE},pflash1={NVRAM_NODE}"));
+        if def.secure_boot {
+            machine_opts.push_str(",smm=on");
+        }
+    }
+    push(&["-machine", &machine_opts]);
     push(&["-accel", accel.as_str()]);
     if let Some(cpu) = &def.cpu {
         push(&["-cpu", cpu]);
@@ -147,6 +165,10 @@ pub fn build(
         "-serial",
         &format!("chardev:{CONSOLE_CHARDEV}"),
     ]);
+    if def.firmware == Firmware::Uefi {
+        a.extend(uefi_args(def));
+    }
+    let mut push = |s: &[&str]| a.extend(s.iter().map(|x| x.to_string()));
     if def.guest_agent {
         // The agent's listening socket, inherited: QEMU accepts on it but
         // never binds or unlinks the path.
@@ -179,7 +201,7 @@ pub fn build(
         push(&["-append", c]);
     }
     for (i, d) in def.disks.iter().enumerate() {
-        for arg in disk_args(i, d) {
+        for arg in disk_args(i, d, def.firmware == Firmware::Uefi) {
             a.push(arg);
         }
     }
@@ -209,9 +231,50 @@ pub fn build(
     a.into_iter().map(OsString::from).collect()
 }
 
+/// UEFI: the code image read-only by path (pflash 0) and the domain's
+/// NVRAM through the fd the agent passes (pflash 1), raw format nodes the
+/// machine's `pflash0`/`pflash1` name. Both instances of a migration open
+/// the same two files; the flash contents travel in the migration stream
+/// (QEMU registers them as RAM), and the NVRAM file is written back by the
+/// instance that runs.
+fn uefi_args(def: &Definition) -> Vec<String> {
+    let code = def
+        .firmware_code
+        .as_deref()
+        .unwrap_or(Path::new(crate::domain::definition::OVMF_CODE));
+    let nodes = [
+        json!({"driver": "file", "node-name": format!("{FW_CODE_NODE}-file"),
+               "filename": code.to_string_lossy(), "read-only": true}),
+        json!({"driver": "raw", "node-name": FW_CODE_NODE,
+               "file": format!("{FW_CODE_NODE}-file"), "read-only": true}),
+        json!({"driver": "file", "node-name": format!("{NVRAM_NODE}-file"),
+               "filename": format!("/dev/fdset/{NVRAM_FDSET}"), "read-only": false}),
+        json!({"driver": "raw", "node-name": NVRAM_NODE,
+               "file": format!("{NVRAM_NODE}-file"), "read-only": false}),
+    ];
+    let mut a = vec![
+        "-add-fd".to_string(),
+        format!("fd={},set={NVRAM_FDSET}", nvram_fd(def)),
+    ];
+    for n in nodes {
+        a.push("-blockdev".into());
+        a.push(n.to_string());
+    }
+    if def.secure_boot {
+        // The flash is writable from SMM only: the guest OS cannot write
+        // the variables behind the firmware's back.
+        a.extend([
+            "-global".into(),
+            "driver=cfi.pflash01,property=secure,value=on".into(),
+        ]);
+    }
+    a
+}
+
 /// -blockdev (JSON syntax: no comma escaping) for the file and format nodes,
-/// and the virtio-blk device.
-fn disk_args(i: usize, d: &Disk) -> Vec<String> {
+/// and the virtio-blk device. Under UEFI each disk gets its index as boot
+/// index, so OVMF boots the first disk and tries nothing before it.
+fn disk_args(i: usize, d: &Disk, bootindex: bool) -> Vec<String> {
     let (direct, write_cache) = d.cache.flags();
     let file = json!({
         "driver": "file",
@@ -235,8 +298,13 @@ fn disk_args(i: usize, d: &Disk) -> Vec<String> {
         fmt.to_string(),
         "-device".into(),
         format!(
-            "virtio-blk-pci,drive=qlive-disk{i},id=disk{i},write-cache={}",
-            if write_cache { "on" } else { "off" }
+            "virtio-blk-pci,drive=qlive-disk{i},id=disk{i},write-cache={}{}",
+            if write_cache { "on" } else { "off" },
+            if bootindex {
+                format!(",bootindex={i}")
+            } else {
+                String::new()
+            }
         ),
     ]
 }
@@ -288,19 +356,58 @@ mod tests {
         assert!(j.contains(r#""filename":"/img,with,commas.qcow2""#), "{j}");
     }
 
+    /// The command line of a fresh boot of `d`, joined.
+    fn boot_line(d: &Definition) -> String {
+        let p = InstancePaths::new(Path::new("/run/q"), "vm", 5);
+        s(&build(
+            d,
+            "pc-q35-7.2",
+            EffectiveAccel::Tcg,
+            &p,
+            StartMode::Boot,
+        ))
+        .join(" ")
+    }
+
+    #[test]
+    fn uefi_is_two_pflash_nodes_with_the_nvram_by_fd() {
+        let mut d = def();
+        let bios = boot_line(&d);
+        assert!(
+            !bios.contains("pflash") && !bios.contains("bootindex"),
+            "{bios}"
+        );
+        d.firmware = Firmware::Uefi;
+        d.firmware_code = Some("/fw/CODE,1.fd".into());
+        let j = boot_line(&d);
+        assert!(
+            j.contains("-machine pc-q35-7.2,memory-backend=qlive-ram,pflash0=qlive-fw-code,pflash1=qlive-nvram "),
+            "{j}"
+        );
+        // two NICs: taps 4 and 5, console 6, guest agent 7, VNC 8, NVRAM 9
+        assert_eq!(nvram_fd(&d), 9);
+        assert!(j.contains("-add-fd fd=9,set=2 "), "{j}");
+        assert!(
+            j.contains(
+                r#""filename":"/fw/CODE,1.fd","node-name":"qlive-fw-code-file","read-only":true"#
+            ),
+            "{j}"
+        );
+        assert!(j.contains(r#""filename":"/dev/fdset/2""#), "{j}");
+        assert!(j.contains("write-cache=on,bootindex=0"), "{j}");
+        assert!(!j.contains("smm") && !j.contains("secure"), "{j}");
+        d.secure_boot = true;
+        let j = boot_line(&d);
+        assert!(j.contains("pflash1=qlive-nvram,smm=on "), "{j}");
+        assert!(
+            j.contains("-global driver=cfi.pflash01,property=secure,value=on"),
+            "{j}"
+        );
+    }
+
     #[test]
     fn topology_goes_on_smp() {
-        let p = InstancePaths::new(Path::new("/run/q"), "vm", 5);
-        let j = |d: &Definition| {
-            s(&build(
-                d,
-                "pc-q35-7.2",
-                EffectiveAccel::Tcg,
-                &p,
-                StartMode::Boot,
-            ))
-            .join(" ")
-        };
+        let j = boot_line;
         let mut d = def();
         assert!(j(&d).contains("-smp 1 "), "{}", j(&d));
         d.vcpus = 4;

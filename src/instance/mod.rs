@@ -10,6 +10,7 @@ pub mod cmdline;
 pub mod domid;
 pub mod endpoint;
 pub mod files;
+pub mod firmware;
 pub mod kvm;
 pub mod memory;
 pub mod paths;
@@ -78,6 +79,8 @@ pub enum InstanceError {
     Tap(#[from] TapError),
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
+    #[error("UEFI firmware")]
+    Firmware(#[source] firmware::FirmwareError),
     #[error("SELinux: labelling {what} {context}")]
     Label {
         what: String,
@@ -127,6 +130,13 @@ pub struct InstanceRecord {
     /// detection compares against.
     #[serde(default)]
     pub loaded: Vec<files::FileId>,
+    /// The firmware the guest runs (ROMs from `info roms`, the UEFI code
+    /// and VARS template), with its identity when the domain cold-booted:
+    /// a migration carries the images in guest memory and the destination
+    /// inherits this list, and a guest reset does not reload them. Records
+    /// of an older qlive have the ROMs in `loaded` instead.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub firmware: Vec<files::FileId>,
     /// Tap names, NIC `i` at fd `FIRST_TAP_FD + i` in the process.
     #[serde(default)]
     pub taps: Vec<String>,
@@ -180,6 +190,13 @@ pub struct SpawnSpec<'a> {
     /// The emulator's firmware search path (from the probe), to resolve the
     /// firmware files the instance loads.
     pub data_dirs: &'a [PathBuf],
+    /// The domain's NVRAM (`firmware: "uefi"`), created by the caller.
+    pub nvram: Option<&'a Path>,
+    /// The firmware the guest runs, when it is not this instance's own:
+    /// a migration's destination gets the source's record (the flash and
+    /// ROM contents come with the migration stream). None: a cold boot,
+    /// record what this QEMU loads.
+    pub inherit_firmware: Option<Vec<files::FileId>>,
 }
 
 fn now_unix() -> u64 {
@@ -196,8 +213,9 @@ fn now_unix() -> u64 {
 /// the child would replace it: an error record could then land in a tap,
 /// the console log or guest RAM. Call once at start, before other threads.
 pub fn reserve_inherited_fd_numbers() -> io::Result<()> {
-    // guest RAM, the taps, the console log, the guest agent's and VNC's sockets
-    let last = tap::FIRST_TAP_FD + crate::domain::definition::MAX_NICS as i32 + 2;
+    // guest RAM, the taps, the console log, the guest agent's and VNC's
+    // sockets, the NVRAM
+    let last = tap::FIRST_TAP_FD + crate::domain::definition::MAX_NICS as i32 + 3;
     for n in GUEST_RAM_FD..=last {
         // SAFETY: F_GETFD only probes whether `n` is open.
         if unsafe { libc::fcntl(n, libc::F_GETFD) } >= 0 {
@@ -345,6 +363,20 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
         };
         fds.push((v.raw_fd(), cmdline::vnc_fd(spec.def)));
     }
+    // The NVRAM, opened here like the console log (cmdline::nvram_fd).
+    let nvram = match (spec.def.firmware, spec.nvram) {
+        (crate::domain::definition::Firmware::Uefi, Some(p)) => {
+            Some(firmware::open_nvram(p).map_err(InstanceError::Firmware)?)
+        }
+        (crate::domain::definition::Firmware::Uefi, None) => {
+            return Err(InstanceError::Firmware(firmware::FirmwareError::NoNvram))
+        }
+        _ => None,
+    };
+    if let Some(f) = &nvram {
+        use std::os::fd::AsRawFd;
+        fds.push((f.as_raw_fd(), cmdline::nvram_fd(spec.def)));
+    }
     let run_as = spec.run_as.cloned();
     if let Some(l) = &spec.labels {
         apply_labels(spec, l)?;
@@ -352,9 +384,9 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
     let exec_context = spec.labels.as_ref().map(|l| l.process.clone());
     let guard = sandbox::OffloadGuard::new();
     let qemu_caps = sandbox::QemuCaps::new();
-    // guest RAM, one tap per NIC, the console log and the guest agent's
-    // and VNC's sockets must fit the fixed array in pre_exec
-    const _: () = assert!(crate::domain::definition::MAX_NICS + 4 <= 16);
+    // guest RAM, one tap per NIC, the console log, the guest agent's and
+    // VNC's sockets and the NVRAM must fit the fixed array in pre_exec
+    const _: () = assert!(crate::domain::definition::MAX_NICS + 5 <= 16);
     let mut cmd = std::process::Command::new(&emulator);
     cmd.args(&args)
         .stdin(std::process::Stdio::null())
@@ -452,7 +484,15 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
                 domid: spec.domid,
                 source,
             })?;
-        let loaded = loaded_files(pid, &qmp, spec.data_dirs).await;
+        let loaded = files::mapped_files(pid).unwrap_or_default();
+        let firmware = match &spec.inherit_firmware {
+            Some(f) => f.clone(),
+            None => {
+                let mut f = rom_files(&qmp, spec.data_dirs).await;
+                f.extend(firmware::boot_images(spec.def));
+                f
+            }
+        };
         let disks = spec
             .def
             .disks
@@ -476,6 +516,7 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
             ram_inode: spec.ram.inode(),
             started_at: now_unix(),
             loaded,
+            firmware,
             taps: spec.taps.iter().map(|t| t.name().to_string()).collect(),
             disks,
             guest_agent: spec
@@ -508,6 +549,28 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
             let _ = pidfd.kill_and_wait(Duration::from_secs(5)).await;
             Err(e)
         }
+    }
+}
+
+impl Instance {
+    /// The firmware the guest runs, for a migration's destination to
+    /// inherit. A record of an older qlive has it in `loaded`, among the
+    /// mapped files: the recorded files this process does not map.
+    pub fn running_firmware(&self) -> Vec<files::FileId> {
+        if !self.record.firmware.is_empty() {
+            return self.record.firmware.clone();
+        }
+        let mapped: Vec<PathBuf> = files::mapped_files(self.record.process.pid)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|f| f.path)
+            .collect();
+        self.record
+            .loaded
+            .iter()
+            .filter(|f| !mapped.contains(&f.path) && f.path != self.record.emulator)
+            .cloned()
+            .collect()
     }
 }
 
@@ -563,6 +626,9 @@ fn apply_labels(spec: &SpawnSpec<'_>, l: &selinux::Labels) -> Result<(), Instanc
         selinux::label_path(&d.path, &l.image)
             .map_err(fail(d.path.display().to_string(), &l.image))?;
     }
+    if let Some(nv) = spec.nvram.filter(|p| p.exists()) {
+        selinux::label_path(nv, &l.image).map_err(fail(nv.display().to_string(), &l.image))?;
+    }
     if spec.console_log.exists() {
         selinux::label_path(spec.console_log, &l.console)
             .map_err(fail(spec.console_log.display().to_string(), &l.console))?;
@@ -570,10 +636,10 @@ fn apply_labels(spec: &SpawnSpec<'_>, l: &selinux::Labels) -> Result<(), Instanc
     Ok(())
 }
 
-/// What the new process has loaded: mapped files now, plus the firmware
-/// ROMs QEMU read (`info roms`, resolved in its data directories).
-async fn loaded_files(pid: i32, qmp: &Qmp, data_dirs: &[PathBuf]) -> Vec<files::FileId> {
-    let mut loaded = files::mapped_files(pid).unwrap_or_default();
+/// The firmware ROMs a new QEMU read (`info roms`, resolved in its data
+/// directories).
+async fn rom_files(qmp: &Qmp, data_dirs: &[PathBuf]) -> Vec<files::FileId> {
+    let mut loaded: Vec<files::FileId> = Vec::new();
     let roms = qmp
         .execute_raw(
             "human-monitor-command",

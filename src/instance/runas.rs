@@ -138,7 +138,11 @@ pub fn check_definition(
     user: &QemuUser,
     def: &crate::domain::Definition,
 ) -> Result<(), (String, String)> {
-    for (field, p) in [("kernel", &def.kernel), ("initrd", &def.initrd)] {
+    for (field, p) in [
+        ("kernel", &def.kernel),
+        ("initrd", &def.initrd),
+        ("firmware_code", &def.firmware_code),
+    ] {
         if let Some(p) = p {
             user.check_access(p, false)
                 .map_err(|r| (field.to_string(), r))?;

@@ -58,6 +58,17 @@ impl StaleKind {
         }
     }
 
+    /// Does only a cold restart of the domain (stop, start) refresh this?
+    /// Firmware is guest memory: the ROM and flash images travel in the
+    /// migration stream, so the destination runs the source's copy, and a
+    /// guest reset does not reload them; a live upgrade cannot help.
+    pub fn needs_restart(self) -> bool {
+        matches!(
+            self,
+            StaleKind::FirmwareDeleted | StaleKind::FirmwareReplaced
+        )
+    }
+
     pub const ALL: [StaleKind; 7] = [
         StaleKind::ExeDeleted,
         StaleKind::ExeReplaced,
