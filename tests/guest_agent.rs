@@ -131,3 +131,47 @@ fn the_guest_agent_socket_stays_through_migrations_failures_and_restarts() {
     assert_eq!(code, 1);
     assert!(err.contains("guest_agent: true"), "{err}");
 }
+
+/// An agent SIGKILLed in the middle of a migration: the next agent's
+/// recovery finishes it (to the destination, from Finish) or rolls it back
+/// (to the source, from Prepare), and serves the stable sockets again for
+/// the instance that runs. (The VNC accept loop is the agent's own: it
+/// must be restarted for a recovered migration as for a re-adopted domain.)
+#[test]
+fn the_sockets_are_served_after_a_migration_the_agent_died_in() {
+    for (at, runs_on) in [
+        ("finish:before", "destination"),
+        ("prepare:after", "source"),
+    ] {
+        let mut rig = Rig::new();
+        rig.kill_agent();
+        rig.start_agent_with(&[("QLIVE_TEST_PAUSE_AT", at)]);
+        rig.define_guest("ga", 256, json!({"guest_agent": true, "vnc": true}));
+        rig.ok(&["start", "ga"]);
+        rig.wait_heartbeat_past("ga", 100, Duration::from_secs(90));
+        let src = rig.info("ga")["domid"].clone();
+        let mig = rig.migrate_bg("ga", &[]);
+        let marker = rig.run.join("domains/ga/test-paused");
+        let t0 = std::time::Instant::now();
+        while !marker.exists() {
+            assert!(t0.elapsed() < Duration::from_secs(30), "{at}: never paused");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        rig.kill_agent();
+        let _ = mig.join();
+        rig.start_agent();
+        let info = rig.info("ga");
+        assert_eq!(info["state"], "running", "{at}: {info}");
+        assert_eq!(
+            info["domid"] == src,
+            runs_on == "source",
+            "{at}: runs on the {runs_on}: {info}"
+        );
+        assert_served(&rig, &format!("{at}: after recovery to the {runs_on}"));
+        assert_vnc(&rig, &format!("{at}: after recovery to the {runs_on}"));
+        let hb = rig.heartbeat("ga").last;
+        rig.wait_heartbeat_past("ga", hb + 100, Duration::from_secs(30))
+            .assert_intact("ga");
+        rig.ok(&["destroy", "ga"]);
+    }
+}

@@ -65,6 +65,18 @@ pub(super) async fn recover(agent: &Arc<Agent>) -> Result<(), AgentError> {
                 Adopted::LeaveAlone
             }
         };
+        // The VNC console is served once per run by the agent: again for
+        // whichever instance runs now, whether it was re-adopted or a
+        // recovered migration left it running (source or destination).
+        if let Adopted::Domid(_) = adopted {
+            let running = match &dom.state.lock().await.run {
+                Run::Running(i) => Some(i.clone()),
+                _ => None,
+            };
+            if let Some(inst) = running {
+                agent.serve_vnc(&dom, &inst);
+            }
+        }
         if let Some(keep) = adopted.keep() {
             sweep_strays(agent, &name, keep).await;
         }
@@ -126,7 +138,6 @@ async fn adopt_domain(agent: &Arc<Agent>, dom: &Arc<Domain>) -> Adopted {
             }
             dom.state.lock().await.run = Run::Running(inst.clone());
             agent.watch(dom, &inst);
-            agent.serve_vnc(dom, &inst);
             tracing::info!(domain = %dom.name, domid, pid, "re-adopted running instance");
             Adopted::Domid(domid)
         }
