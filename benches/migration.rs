@@ -8,13 +8,17 @@
 //! (c) the conventional path: a full-copy migration with private guest RAM
 //!     and no x-ignore-shared.
 //!
+//! (d) `qlive migrate` of the same guest with its RAM on 2 MiB huge pages
+//!     (`"hugepages": "2M"`; the benchmark reserves the pages with
+//!     vm.nr_hugepages and gives them back), with the pages it holds;
+//!
 //! and prints, per variant, the guest-visible pause (largest gap between
 //! heartbeat arrivals on the console log, p50/p99), QEMU's reported
 //! downtime, total time and bytes sent. The pause is measured the same way
 //! for all three: inotify on the console log QEMU appends to.
 //!
 //! Env: QLIVE_BENCH_RUNS (default 20), QLIVE_BENCH_SIZES (MiB, default
-//! "1024,8192"), QLIVE_BENCH_VARIANTS (default "qlive,floor,full").
+//! "1024,8192"), QLIVE_BENCH_VARIANTS (default "qlive,floor,full,huge").
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -44,6 +48,8 @@ struct Samples {
     total_ms: Vec<f64>,
     bytes: Vec<f64>,
     cont_us: Vec<f64>,
+    /// Huge pages the guest held (variant d).
+    pages: Option<u64>,
 }
 
 fn pct(v: &[f64], p: f64) -> f64 {
@@ -79,11 +85,19 @@ fn check_log(log: &Path, what: &str) {
 
 // ---------------------------------------------------------------- (a) qlive
 
-fn bench_qlive(mib: u64, runs: usize) -> Samples {
+fn bench_qlive(mib: u64, runs: usize, huge: bool) -> Samples {
+    use common::hugepages::{pages_taken, Reserved};
     let rig = Rig::new_in(Path::new("/dev/shm"));
     let name = "bench";
-    rig.define_guest(name, mib, json!({"cmdline": cmdline()}));
+    let _pool = huge.then(|| Reserved::pages(mib / 2));
+    let taken0 = pages_taken();
+    let mut def = json!({"cmdline": cmdline()});
+    if huge {
+        def["hugepages"] = "2M".into();
+    }
+    rig.define_guest(name, mib, def);
     rig.ok(&["start", name]);
+    let pages = huge.then(|| pages_taken() - taken0);
     let log = rig.console_log(name);
     wait_for(&log, "PATTERN READY", Duration::from_secs(120));
     let watch = HbWatch::start(&log).expect("watch");
@@ -111,6 +125,14 @@ fn bench_qlive(mib: u64, runs: usize) -> Samples {
             .push(r["completion_to_cont_us"].as_f64().unwrap_or(f64::NAN));
     }
     check_log(&log, "qlive runs");
+    if let Some(p) = pages {
+        assert_eq!(
+            pages_taken() - taken0,
+            p,
+            "the guest's pages after the runs"
+        );
+        s.pages = Some(p);
+    }
     rig.ok(&["destroy", name]);
     s
 }
@@ -407,13 +429,14 @@ async fn main() {
         std::env::var("QLIVE_BENCH_VARIANTS").unwrap_or_else(|_| "qlive,floor,full".into());
     let mut results: Vec<(u64, &str, Samples)> = vec![];
     for &mib in &sizes {
-        for v in ["qlive", "floor", "full"] {
+        for v in ["qlive", "floor", "full", "huge"] {
             if !variants.split(',').any(|x| x == v) {
                 continue;
             }
             eprintln!("[bench] {mib} MiB guest: {v}, {runs} migrations");
             let s = match v {
-                "qlive" => tokio::task::block_in_place(|| bench_qlive(mib, runs)),
+                "qlive" => tokio::task::block_in_place(|| bench_qlive(mib, runs, false)),
+                "huge" => tokio::task::block_in_place(|| bench_qlive(mib, runs, true)),
                 "floor" => bench_floor(mib, runs).await,
                 _ => bench_full(mib, runs).await,
             };
@@ -437,6 +460,7 @@ async fn main() {
         let label = match *v {
             "qlive" => "qlive migrate",
             "floor" => "direct QMP (floor)",
+            "huge" => "qlive, 2M pages",
             _ => "full copy",
         };
         row(&format!("{} GiB {label}", mib / 1024), s);
@@ -468,6 +492,18 @@ async fn main() {
                 "  {} GiB: completion event -> cont: qlive p50 {q50:.2} p99 {q99:.2} ms, floor p50 {f50:.2} p99 {f99:.2} ms; qlive adds p50 {add50:.2} ms, p99 {add99:.2} ms (target < 5 ms): {}",
                 mib / 1024,
                 if add50 < 5.0 && add99 < 5.0 { "met" } else { "NOT met" }
+            );
+        }
+        if let (Some(q), Some(h)) = (get(mib, "qlive"), get(mib, "huge")) {
+            println!(
+                "  {} GiB: 2M pages: the guest held {} pages; p50 pause {:.1} ms vs {:.1} ms on a plain memfd ({:.2}x), p99 {:.1} vs {:.1} ms",
+                mib / 1024,
+                h.pages.unwrap_or(0),
+                pct(&h.pause_ms, 50.0),
+                pct(&q.pause_ms, 50.0),
+                pct(&h.pause_ms, 50.0) / pct(&q.pause_ms, 50.0),
+                pct(&h.pause_ms, 99.0),
+                pct(&q.pause_ms, 99.0),
             );
         }
     }

@@ -192,3 +192,30 @@ fn uefi_nvram_is_the_domains_own_and_replaced_firmware_needs_a_restart() {
     assert!(!nvram.exists(), "undefine removes the NVRAM");
     assert!(rig.qemu_pids().is_empty());
 }
+
+/// Secure Boot: Debian's SMM build of OVMF with Microsoft's keys, the
+/// defaults `define` pins; it runs under TCG (SMM on q35) and migrates.
+#[test]
+fn secure_boot_pins_the_smm_build_and_migrates() {
+    let rig = Rig::new();
+    rig.define_guest("sb", 128, json!({"firmware": "uefi", "secure_boot": true}));
+    let info = rig.info("sb");
+    assert_eq!(
+        info["firmware"]["code"], "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
+        "{info}"
+    );
+    assert_eq!(
+        info["firmware"]["nvram_template"], "/usr/share/OVMF/OVMF_VARS_4M.ms.fd",
+        "{info}"
+    );
+    assert_eq!(info["firmware"]["secure_boot"], true, "{info}");
+    rig.ok(&["start", "sb"]);
+    wait_console(&rig, "sb", "BdsDxe", Duration::from_secs(120));
+    let new = new_qemu();
+    rig.migrate("sb", &["--emulator", new.to_str().unwrap()]);
+    rig.migrate("sb", &["--emulator", "/usr/bin/qemu-system-x86_64"]);
+    assert_eq!(rig.info("sb")["state"], "running");
+    rig.ok(&["destroy", "sb"]);
+    rig.ok(&["undefine", "sb"]);
+    assert!(rig.qemu_pids().is_empty());
+}

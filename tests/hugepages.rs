@@ -8,53 +8,10 @@
 
 mod common;
 
+use common::hugepages::{pages_taken, Reserved};
 use common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
-
-const POOL: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
-const NR: &str = "/proc/sys/vm/nr_hugepages";
-
-fn read_u64(p: &str) -> u64 {
-    std::fs::read_to_string(p)
-        .unwrap_or_else(|e| panic!("{p}: {e}"))
-        .trim()
-        .parse()
-        .unwrap_or_else(|e| panic!("{p}: {e}"))
-}
-
-/// 2 MiB pages taken from the pool: in use plus promised to mappings.
-fn pages_taken() -> u64 {
-    read_u64(&format!("{POOL}/nr_hugepages")) - read_u64(&format!("{POOL}/free_hugepages"))
-        + read_u64(&format!("{POOL}/resv_hugepages"))
-}
-
-/// `n` more 2 MiB pages in the pool for the test's life; the old size is
-/// put back on drop (the pages of a destroyed guest are free again by then).
-struct Reserved {
-    before: u64,
-}
-
-impl Reserved {
-    fn pages(n: u64) -> Reserved {
-        let before = read_u64(NR);
-        std::fs::write(NR, format!("{}\n", before + n)).expect("write vm.nr_hugepages");
-        let got = read_u64(NR);
-        let r = Reserved { before };
-        assert!(
-            got >= before + n,
-            "the kernel gave {} of {n} huge pages (memory too fragmented?)",
-            got - before
-        );
-        r
-    }
-}
-
-impl Drop for Reserved {
-    fn drop(&mut self) {
-        let _ = std::fs::write(NR, format!("{}\n", self.before));
-    }
-}
 
 fn downtime(r: &Value) -> String {
     format!(

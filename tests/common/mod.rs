@@ -4,6 +4,8 @@
 //! the test fails.
 #![allow(dead_code)]
 
+pub mod hugepages;
+
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;

@@ -61,50 +61,8 @@ command -v dpkg-deb >/dev/null || die "dpkg-deb not found (Debian only)"
 CODENAME=${VERSION_CODENAME:-bookworm}
 BPO_SUITE=$CODENAME-backports
 
-# Print "URI<TAB>SIGNED-BY" of the first enabled deb source that carries $CODENAME.
-find_mirror() {
-    local f hit
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-        [ -f "$f" ] || continue
-        hit=$(awk -v suite="$CODENAME" '
-            /^[[:space:]]*deb[[:space:]]/ {
-                sb = ""; i = 2
-                if ($2 ~ /^\[/) {                       # deb [opt=val ...] uri suite comps
-                    while (i <= NF) {
-                        if ($i ~ /signed-by=/) { sb = $i; sub(/.*signed-by=/, "", sb); sub(/\]$/, "", sb) }
-                        if ($i ~ /\]$/) { i++; break }
-                        i++
-                    }
-                }
-                if ($(i + 1) == suite) { printf "%s\t%s\n", $i, sb; exit }
-            }' "$f")
-        [ -z "$hit" ] || { printf '%s\n' "$hit"; return 0; }
-    done
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [ -f "$f" ] || continue
-        hit=$(awk -v suite="$CODENAME" '
-            function flush() {
-                if (types ~ /(^|[[:space:]])deb([[:space:]]|$)/ && enabled !~ /^[[:space:]]*no/ &&
-                    (" " suites " ") ~ ("[[:space:]]" suite "[[:space:]]") && uris != "") {
-                    split(uris, u, /[[:space:]]+/); printf "%s\t%s\n", u[1], sb; found = 1; exit
-                }
-                types = uris = suites = sb = enabled = ""
-            }
-            /^[[:space:]]*#/ { next }
-            /^[[:space:]]*$/ { flush(); next }
-            /^[A-Za-z-]+:/ {
-                key = tolower($1); sub(/:$/, "", key); val = $0; sub(/^[^:]*:[[:space:]]*/, "", val)
-                if (key == "types") types = val
-                else if (key == "uris") uris = val
-                else if (key == "suites") suites = val
-                else if (key == "signed-by") sb = val
-                else if (key == "enabled") enabled = val
-            }
-            END { if (!found) flush() }' "$f")
-        [ -z "$hit" ] || { printf '%s\n' "$hit"; return 0; }
-    done
-    return 0
-}
+# shellcheck source=tests/rig/apt-mirror.sh
+. "$(dirname "${BASH_SOURCE[0]}")/apt-mirror.sh"
 
 has_backports() {
     local f
@@ -118,7 +76,7 @@ has_backports() {
 if has_backports; then
     log "$BPO_SUITE already enabled"
 else
-    line=$(find_mirror)
+    line=$(find_mirror "$CODENAME")
     MIRROR=${line%%$'\t'*}
     SIGNED_BY=${line#*$'\t'}
     [ -n "$line" ] || { MIRROR=http://deb.debian.org/debian; SIGNED_BY=; }

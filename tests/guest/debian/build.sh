@@ -115,58 +115,9 @@ fi
 [[ -e $OVMF_CODE && -e $OVMF_VARS ]] || die "OVMF firmware not found at $OVMF_CODE / $OVMF_VARS"
 
 # ---- mirror: the host's own Debian source for $SUITE ----
-# Print "URI<TAB>SIGNED-BY" of the first enabled deb source that carries $SUITE,
-# from one-line (.list) and deb822 (.sources) files.
-find_mirror() {
-    local f hit
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-        [[ -f $f ]] || continue
-        hit=$(awk -v suite="$SUITE" '
-            /^[[:space:]]*deb[[:space:]]/ {
-                sb = ""; i = 2
-                if ($2 ~ /^\[/) {
-                    while (i <= NF) {
-                        if ($i ~ /signed-by=/) { sb = $i; sub(/.*signed-by=/, "", sb); sub(/\]$/, "", sb) }
-                        if ($i ~ /\]$/) { i++; break }
-                        i++
-                    }
-                }
-                if ($(i + 1) == suite) { printf "%s\t%s\n", $i, sb; exit }
-            }' "$f")
-        [[ -z $hit ]] || {
-            printf '%s\n' "$hit"
-            return 0
-        }
-    done
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [[ -f $f ]] || continue
-        hit=$(awk -v suite="$SUITE" '
-            function flush() {
-                if (types ~ /(^|[[:space:]])deb([[:space:]]|$)/ && enabled !~ /^[[:space:]]*no/ &&
-                    (" " suites " ") ~ ("[[:space:]]" suite "[[:space:]]") && uris != "") {
-                    split(uris, u, /[[:space:]]+/); printf "%s\t%s\n", u[1], sb; found = 1; exit
-                }
-                types = uris = suites = sb = enabled = ""
-            }
-            /^[[:space:]]*#/ { next }
-            /^[[:space:]]*$/ { flush(); next }
-            /^[A-Za-z-]+:/ {
-                key = tolower($1); sub(/:$/, "", key); val = $0; sub(/^[^:]*:[[:space:]]*/, "", val)
-                if (key == "types") types = val
-                else if (key == "uris") uris = val
-                else if (key == "suites") suites = val
-                else if (key == "signed-by") sb = val
-                else if (key == "enabled") enabled = val
-            }
-            END { if (!found) flush() }' "$f")
-        [[ -z $hit ]] || {
-            printf '%s\n' "$hit"
-            return 0
-        }
-    done
-    return 0
-}
-line=$(find_mirror)
+# shellcheck source=tests/rig/apt-mirror.sh
+. "$HERE/../../rig/apt-mirror.sh"
+line=$(find_mirror "$SUITE")
 MIRROR=${QLIVE_DEBIAN_MIRROR:-${line%%$'\t'*}}
 [[ -n $MIRROR ]] || MIRROR=http://deb.debian.org/debian
 KEYRING=${line#*$'\t'}
