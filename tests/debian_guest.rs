@@ -24,6 +24,7 @@
 
 mod common;
 
+use common::hugepages::{pages_taken, Reserved};
 use common::*;
 use serde_json::{json, Value};
 use std::io::Read;
@@ -35,8 +36,6 @@ use std::time::{Duration, Instant};
 
 const NAME: &str = "deb";
 const HOST_CIDR: &str = "10.0.0.1/24";
-const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
-const POOL_2M: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
 const MEMORY_MIB: u64 = 512;
 /// Boot to the ready marker under TCG, OVMF included: 26-39 s on the
 /// 2-core machine, minutes when it is overloaded (the README's table).
@@ -58,49 +57,6 @@ fn debian_image() -> (PathBuf, Value) {
     let meta: Value =
         serde_json::from_slice(&std::fs::read(&meta).expect("disk.json")).expect("disk.json");
     (disk, meta)
-}
-
-fn read_u64(p: &str) -> u64 {
-    std::fs::read_to_string(p)
-        .unwrap_or_else(|e| panic!("{p}: {e}"))
-        .trim()
-        .parse()
-        .unwrap_or_else(|e| panic!("{p}: {e}"))
-}
-
-/// 2 MiB pages taken from the pool: in use plus promised to mappings.
-fn pages_taken() -> u64 {
-    read_u64(&format!("{POOL_2M}/nr_hugepages")) - read_u64(&format!("{POOL_2M}/free_hugepages"))
-        + read_u64(&format!("{POOL_2M}/resv_hugepages"))
-}
-
-/// `n` more 2 MiB pages in the pool for the test's life; the old size is
-/// put back on drop, also when the test panics (as in tests/hugepages.rs).
-/// Declared before the rig, so it drops after the rig has killed QEMU and
-/// the agent and their pages are free again.
-struct HugePages {
-    before: u64,
-}
-
-impl HugePages {
-    fn reserve(n: u64) -> HugePages {
-        let before = read_u64(NR_HUGEPAGES);
-        std::fs::write(NR_HUGEPAGES, format!("{}\n", before + n)).expect("write vm.nr_hugepages");
-        let r = HugePages { before };
-        let got = read_u64(NR_HUGEPAGES);
-        assert!(
-            got >= before + n,
-            "the kernel gave {} of {n} huge pages (memory too fragmented?)",
-            got - before
-        );
-        r
-    }
-}
-
-impl Drop for HugePages {
-    fn drop(&mut self) {
-        let _ = std::fs::write(NR_HUGEPAGES, format!("{}\n", self.before));
-    }
 }
 
 /// Byte `n` of the guest's stream: byte `n % 8` of LE64(`n / 8`).
@@ -609,10 +565,11 @@ fn debian_guest_on_uefi_hugepages_through_migrations_restarts_and_a_reboot() {
     let new = new_qemu();
     let old = PathBuf::from(SYSTEM_QEMU);
 
-    // 512 MiB of guest RAM is 256 pages of 2 MiB; declared before the rig,
-    // so it is dropped after it.
+    // 512 MiB of guest RAM is 256 pages of 2 MiB, on top of what the pool
+    // had; given back when the guard drops, also on a panic. Declared
+    // before the rig, so it drops after the rig killed QEMU and the agent.
     let pages = MEMORY_MIB / 2;
-    let _pool = HugePages::reserve(pages);
+    let _pool = Reserved::pages(pages);
     let mut rig = Rig::new_netns();
     let _dump = DumpOnPanic {
         agent_log: rig.agent_log(),
