@@ -19,8 +19,9 @@ guest: deps
 	tests/guest/build.sh $(GUEST_DIR)
 
 # The real Debian 12 guest (tests/guest/debian/): a UEFI disk image with
-# systemd, qemu-guest-agent and a TCP stream service; and its smoke check on
-# QEMU 7.2 and 10.0. Not part of `make test` yet.
+# systemd, qemu-guest-agent and a TCP stream service, which `make test`
+# needs (tests/debian_guest.rs); and its smoke check on QEMU 7.2 and 10.0
+# with plain QEMU (not part of `make test`).
 .PHONY: debian-guest debian-guest-smoke
 debian-guest: deps
 	tests/guest/debian/build.sh target/debian-guest
@@ -92,9 +93,9 @@ ansible-sanity: ansible-venv
 	  ../../../../target/ansible-venv/bin/ansible-test sanity --python 3.11
 
 # Everything: lint, fuzzing, the Ansible collection's sanity tests, unit and
-# integration tests (real QEMU under TCG; the .deb under systemd, the .deb's
-# and the .rpm's contents).
-test: deps guest qemu-new deb rpm selinux-check lint fuzz ansible-sanity
+# integration tests (real QEMU under TCG, with the test guest and the Debian
+# guest; the .deb under systemd, the .deb's and the .rpm's contents).
+test: deps guest debian-guest qemu-new deb rpm selinux-check lint fuzz ansible-sanity
 	$(CARGO) nextest run --locked --profile ci
 
 # Benchmarks print their figures (docs/benchmarks.md); not part of `make test`.
