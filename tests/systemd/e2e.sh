@@ -166,11 +166,19 @@ res=$("${NS[@]}" systemctl show -p Result --value qlive-upgrade.service)
 [ "$res" = success ] || fail "qlive-upgrade.service result $res"
 output_has '"summary":{' "${NS[@]}" journalctl -u qlive-upgrade.service --no-pager || fail "no JSON summary in the journal"
 [ "$(info pid)" != "$pid1" ] || fail "guest pid unchanged after upgrade"
-output_has "vm: current (QEMU 10." "${NS[@]}" qlive stale || fail "guest still stale after upgrade"
+# The binary, its modules and libraries are the new ones now. The firmware
+# (SeaBIOS, the option ROMs of qemu-system-data) came with the migration
+# from the old QEMU: the guest runs it until a cold restart, so the domain
+# is restart-required, and no longer stale.
+stale_out=$("${NS[@]}" qlive stale)
+grep -q "vm: RESTART REQUIRED (QEMU 10." <<<"$stale_out" || fail "after the upgrade, want restart required only: $stale_out"
+grep -q "firmware replaced: .*(restart required)" <<<"$stale_out" || fail "no replaced firmware listed: $stale_out"
 metrics_run
 grep -qx 'qlive_upgrade_last_run_success 1' "$S/prom.txt" || fail "metrics: last upgrade run not a success"
 grep -qx 'qlive_migrations_total{result="succeeded"} 1' "$S/prom.txt" || fail "metrics: the migration not counted"
-step "metrics after the upgrade run: last run succeeded, 1 migration counted"
+grep -qx 'qlive_domain_stale{domain="vm"} 0' "$S/prom.txt" || fail "metrics: vm still stale"
+grep -qx 'qlive_domain_restart_required{domain="vm"} 1' "$S/prom.txt" || fail "metrics: vm not restart-required"
+step "metrics after the upgrade run: last run succeeded, 1 migration counted; vm restart-required (firmware), not stale"
 n=$("${NS[@]}" pgrep -c qemu-system || true)
 [ "$n" = 1 ] || fail "$n QEMU processes in the namespace, want 1"
 h=$(hb); wait_hb_past "$((h + 300))"
@@ -182,5 +190,11 @@ echo "$S/console.log" > /dev/null
 echo "CONSOLE_LOG_BEGIN"
 cat "$S/console.log"
 echo "CONSOLE_LOG_END"
+# A cold restart loads the new firmware (after the console copy above: the
+# guest's heartbeat starts again from 1).
+"${NS[@]}" qlive destroy vm >/dev/null
+"${NS[@]}" qlive start vm >/dev/null
+output_has "vm: current (QEMU 10." "${NS[@]}" qlive stale || fail "still restart-required after a cold restart: $("${NS[@]}" qlive stale)"
+step "cold restart (destroy, start): vm current on QEMU 10"
 "${NS[@]}" qlive destroy vm >/dev/null
 step "PASS"
