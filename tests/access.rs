@@ -171,7 +171,8 @@ fn stuck_clients_and_the_connection_limit_do_not_block_others_or_a_migration() {
     rig.ok(&["start", "mig"]);
     rig.wait_heartbeat_past("mig", 500, Duration::from_secs(60));
     // QEMU: no more than the agent's bound, no_new_privs, seccomp filters
-    // (qlive's rule and QEMU's -sandbox).
+    // (QEMU's -sandbox; this guest has no NIC, so no tap guard: that one
+    // is checked by tests/devices.rs).
     let qemu = rig.info("mig")["pid"].as_u64().expect("pid") as u32;
     // QEMU itself keeps only CAP_DAC_OVERRIDE (bit 1).
     assert_eq!(cap_mask(qemu, "CapEff"), 1 << 1);
@@ -180,7 +181,7 @@ fn stuck_clients_and_the_connection_limit_do_not_block_others_or_a_migration() {
     assert_eq!(status_field(qemu, "NoNewPrivs"), "1");
     assert_eq!(status_field(qemu, "Seccomp"), "2");
     let filters: u32 = status_field(qemu, "Seccomp_filters").parse().unwrap_or(0);
-    assert!(filters >= 2, "seccomp filters: {filters}");
+    assert!(filters >= 1, "seccomp filters: {filters}");
 
     // Client 1 sends half a request and stalls; client 2 floods requests
     // and never reads an answer.

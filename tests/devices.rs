@@ -174,6 +174,71 @@ impl Pinger {
     }
 }
 
+/// The tap as the kernel has it: the vnet header length (from the running
+/// QEMU's own fd) and whether checksum offload and TSO are on (ethtool
+/// ioctls in the rig's namespace).
+fn tap_state(rig: &Rig, pid: i32, tap: &str) -> (i32, bool, bool) {
+    const TUNGETVNETHDRSZ: libc::c_ulong = 0x8004_54d7;
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GTXCSUM: u32 = 0x16;
+    const ETHTOOL_GTSO: u32 = 0x1e;
+    // SAFETY: pidfd_open/pidfd_getfd on a live pid; results checked.
+    let hdr = unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+        assert!(pidfd >= 0, "pidfd_open {pid}");
+        let fd = libc::syscall(libc::SYS_pidfd_getfd, pidfd, 4, 0) as i32;
+        assert!(
+            fd >= 0,
+            "pidfd_getfd {pid} 4: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut len: libc::c_int = 0;
+        let r = libc::ioctl(fd, TUNGETVNETHDRSZ, &mut len);
+        libc::close(fd);
+        libc::close(pidfd);
+        assert_eq!(r, 0, "TUNGETVNETHDRSZ");
+        len
+    };
+    let ns = rig.netns().try_clone().expect("netns");
+    let name = tap.to_string();
+    let (csum, tso) = std::thread::spawn(move || {
+        enter_netns(&ns);
+        #[repr(C)]
+        struct Ifreq {
+            name: [u8; 16],
+            data: *mut u32,
+            _pad: [u8; 16],
+        }
+        let get = |cmd: u32| {
+            let mut v: [u32; 2] = [cmd, 0];
+            let mut req = Ifreq {
+                name: [0; 16],
+                data: v.as_mut_ptr(),
+                _pad: [0; 16],
+            };
+            req.name[..name.len()].copy_from_slice(name.as_bytes());
+            // SAFETY: an AF_INET socket and one ifreq pointing at a live
+            // ethtool_value.
+            unsafe {
+                let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+                let r = libc::ioctl(s, SIOCETHTOOL, &mut req);
+                libc::close(s);
+                assert_eq!(
+                    r,
+                    0,
+                    "SIOCETHTOOL {cmd:#x}: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            v[1] != 0
+        };
+        (get(ETHTOOL_GTXCSUM), get(ETHTOOL_GTSO))
+    })
+    .join()
+    .expect("ethtool thread");
+    (hdr, csum, tso)
+}
+
 fn stored_def(rig: &Rig, name: &str) -> Value {
     let p = rig.state.join(format!("domains/{name}.json"));
     let v: Value = serde_json::from_slice(&std::fs::read(&p).expect("stored definition"))
@@ -238,6 +303,24 @@ fn disk_and_network_survive_ten_migrations_including_7_2_to_10_0() {
     let link = rig.in_netns("ip", &["-o", "link", "show", &tap]);
     assert!(link.contains("master br0"), "tap not on the bridge: {link}");
 
+    // The guest negotiated a 12-byte vnet header and its offloads: the
+    // tap carries them (instance::tap, instance::tapguard).
+    let boot_pid = rig.info("dev")["pid"].as_i64().expect("pid") as i32;
+    let booted = tap_state(&rig, boot_pid, &tap);
+    // The tap guard's filter is on, and QEMU holds its listener at
+    // fd 8 + NICs (instance::tapguard).
+    let listener = std::fs::read_link(format!("/proc/{boot_pid}/fd/9")).expect("fd 9");
+    assert_eq!(
+        listener.to_string_lossy(),
+        "anon_inode:seccomp notify",
+        "the tap guard's listener"
+    );
+    assert_eq!(
+        booted,
+        (12, true, true),
+        "after boot: (vnet header, csum, tso)"
+    );
+
     let pinger = Pinger::start(&rig);
     let first = pinger.wait_echoing(Duration::from_secs(20));
     let neigh = rig.in_netns("ip", &["neigh", "show", GUEST_IP]);
@@ -274,6 +357,11 @@ fn disk_and_network_survive_ten_migrations_including_7_2_to_10_0() {
             "migration {i} did not move to a new process"
         );
         pids.push(pid);
+        assert_eq!(
+            tap_state(&rig, pid as i32, &tap),
+            booted,
+            "migration {i}: the tap's vnet header and offloads changed"
+        );
         let link = rig.in_netns("ip", &["-o", "link", "show", &tap]);
         assert!(
             link.contains("master br0") && link.contains("UP"),

@@ -131,6 +131,7 @@ async fn adopt_domain(agent: &Arc<Agent>, dom: &Arc<Domain>) -> Adopted {
             if let Ok((false, status)) = inst.qmp.status().await {
                 if status == "prelaunch" {
                     tracing::warn!(domain = %dom.name, domid, "instance was never resumed; finishing its start");
+                    inst.set_tap_owner(true);
                     if let Err(e) = inst.qmp.cont().await {
                         tracing::error!(domain = %dom.name, error = %e, "cont");
                     }

@@ -83,6 +83,17 @@ pub fn nvram_fd(def: &Definition) -> i32 {
     console_fd_for(def.nics.len()) + 3
 }
 
+/// The fd number of the tap guard's seccomp listener inside QEMU
+/// (instance::tapguard), after the NVRAM. QEMU does not use it: it holds
+/// it so that the listener outlives an agent restart.
+pub fn tapguard_fd(def: &Definition) -> i32 {
+    tapguard_fd_for(def.nics.len())
+}
+
+pub fn tapguard_fd_for(nics: usize) -> i32 {
+    console_fd_for(nics) + 4
+}
+
 /// The fd set the NVRAM fd is added to (`-add-fd`).
 pub const NVRAM_FDSET: u32 = 2;
 pub const FW_CODE_NODE: &str = "qlive-fw-code";
@@ -210,7 +221,8 @@ pub fn build(
         // never opens or configures the device by name. No option ROM:
         // qlive boots kernels and disks, and a ROM whose size changes
         // between QEMU builds would make the migration stream incompatible.
-        // No vnet header: see crate::instance::tap for why.
+        // The vnet header comes from the tap's flags (crate::instance::tap);
+        // the tap guard decides which instance may reconfigure it.
         a.push("-netdev".into());
         a.push(format!(
             "tap,id=qlive-net{i},fd={},vhost=off",

@@ -20,6 +20,7 @@ pub mod runas;
 pub mod sandbox;
 pub mod selinux;
 pub mod tap;
+pub mod tapguard;
 
 use crate::domain::Definition;
 use crate::fsutil;
@@ -79,6 +80,8 @@ pub enum InstanceError {
     Tap(#[from] TapError),
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
+    #[error("tap guard")]
+    TapGuard(#[source] tapguard::TapGuardError),
     #[error("UEFI firmware")]
     Firmware(#[source] firmware::FirmwareError),
     #[error("SELinux: labelling {what} {context}")]
@@ -154,6 +157,16 @@ pub struct InstanceRecord {
     /// The user QEMU runs as, when not root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// The instance runs under the tap guard, whose listener it holds at
+    /// `cmdline::tapguard_fd` (instance::tapguard). An older qlive's
+    /// instances do not.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tap_guard: bool,
+    /// What the kernel answered the offload probes on the domain's taps
+    /// when the agent opened them (the guard answers a destination's
+    /// probes with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap_offloads: Option<tap::TapOffloads>,
 }
 
 /// A live instance held by the agent.
@@ -166,6 +179,9 @@ pub struct Instance {
     pub taps: Arc<Vec<Tap>>,
     /// The domain's stable sockets, shared the same way.
     pub endpoints: Arc<Endpoints>,
+    /// Who may reconfigure the taps (None: no NICs, or an instance of an
+    /// older qlive).
+    pub tap_guard: Option<Arc<tapguard::TapGuard>>,
     /// Why the agent itself is ending this instance (stop, destroy), so
     /// whoever notices the exit first records the right reason.
     exit_intent: std::sync::Mutex<Option<String>>,
@@ -214,8 +230,8 @@ fn now_unix() -> u64 {
 /// the console log or guest RAM. Call once at start, before other threads.
 pub fn reserve_inherited_fd_numbers() -> io::Result<()> {
     // guest RAM, the taps, the console log, the guest agent's and VNC's
-    // sockets, the NVRAM
-    let last = tap::FIRST_TAP_FD + crate::domain::definition::MAX_NICS as i32 + 3;
+    // sockets, the NVRAM, the tap guard's listener
+    let last = tap::FIRST_TAP_FD + crate::domain::definition::MAX_NICS as i32 + 4;
     for n in GUEST_RAM_FD..=last {
         // SAFETY: F_GETFD only probes whether `n` is open.
         if unsafe { libc::fcntl(n, libc::F_GETFD) } >= 0 {
@@ -382,7 +398,12 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
         apply_labels(spec, l)?;
     }
     let exec_context = spec.labels.as_ref().map(|l| l.process.clone());
-    let guard = sandbox::OffloadGuard::new();
+    // The tap guard's filter, for an instance with NICs; it owns the guest
+    // from the start when it boots it, not when it waits for a migration.
+    let tap_filter = (!spec.taps.is_empty()).then(tapguard::Filter::new);
+    let guarded = tap_filter.is_some();
+    let tap_offloads = spec.taps.first().map(|t| t.offloads());
+    let tapguard_fd = cmdline::tapguard_fd(spec.def);
     let qemu_caps = sandbox::QemuCaps::new();
     // guest RAM, one tap per NIC, the console log, the guest agent's and
     // VNC's sockets and the NVRAM must fit the fixed array in pre_exec
@@ -425,7 +446,9 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
                 Some(u) => u.switch()?,
                 None => qemu_caps.install()?,
             }
-            guard.install()?;
+            if let Some(f) = &tap_filter {
+                f.install(tapguard_fd)?;
+            }
             if let Some(ctx) = &exec_context {
                 selinux::set_exec_context(ctx)?;
             }
@@ -434,9 +457,36 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
     }
     tracing::debug!(emulator = %emulator.display(), ?args, "spawning QEMU");
     // -daemonize: the process we start exits once QEMU is initialised.
-    let status = tokio::task::spawn_blocking(move || {
+    // Its initialisation issues the tap ioctls the guard answers, so the
+    // guard serves the listener before we wait (the exec'd process holds
+    // it at `tapguard_fd` from the moment spawn returns).
+    let owner = spec.mode == StartMode::Boot;
+    let launched = tokio::task::spawn_blocking(move || {
         let mut child = cmd.spawn()?;
-        child.wait()
+        let guard = if guarded {
+            let got = Pidfd::open(child.id() as i32)
+                .map_err(io::Error::other)
+                .and_then(|p| {
+                    tapguard::TapGuard::recover(
+                        &p,
+                        tapguard_fd,
+                        owner,
+                        tap_offloads.unwrap_or_default(),
+                    )
+                    .map_err(io::Error::other)
+                });
+            match got {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        child.wait().map(|st| (st, guard))
     })
     .await
     .map_err(|e| InstanceError::Launch {
@@ -446,7 +496,17 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
     .map_err(|source| InstanceError::Launch {
         emulator: emulator.clone(),
         source,
-    })?;
+    });
+    let (status, tap_guard) = match launched {
+        Ok(l) => l,
+        Err(e) => {
+            // A daemon forked before the guard failed waits for answers
+            // nobody gives: find it by its command line.
+            kill_unrecorded(&spec.def.name, &paths.dir).await;
+            return Err(e);
+        }
+    };
+    let tap_guard = tap_guard.map(Arc::new);
     if !status.success() {
         // A daemonized child may exist if QEMU failed late; kill it.
         if let Ok(pid) = read_pidfile(&paths.pid) {
@@ -532,6 +592,8 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
                 .filter(|_| spec.def.vnc)
                 .map(|e| e.path().to_path_buf()),
             user: spec.run_as.map(|u| u.name.clone()),
+            tap_guard: tap_guard.is_some(),
+            tap_offloads,
         };
         Ok::<_, InstanceError>((record, qmp))
     };
@@ -543,6 +605,7 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
             ram: spec.ram.clone(),
             taps: spec.taps.clone(),
             endpoints: spec.endpoints.clone(),
+            tap_guard,
             exit_intent: Default::default(),
         }),
         Err(e) => {
@@ -553,6 +616,14 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
 }
 
 impl Instance {
+    /// Let this instance reconfigure the domain's taps (it is about to run
+    /// the guest), or not (another one does). No-op without a guard.
+    pub fn set_tap_owner(&self, owner: bool) {
+        if let Some(g) = &self.tap_guard {
+            g.set_owner(owner);
+        }
+    }
+
     /// The firmware the guest runs, for a migration's destination to
     /// inherit. A record of an older qlive has it in `loaded`, among the
     /// mapped files: the recorded files this process does not map.
@@ -694,7 +765,14 @@ pub async fn adopt(record: InstanceRecord) -> Result<Instance, InstanceError> {
         .taps
         .iter()
         .enumerate()
-        .map(|(i, name)| Tap::recover(&pidfd, FIRST_TAP_FD + i as i32, name))
+        .map(|(i, name)| {
+            Tap::recover(
+                &pidfd,
+                FIRST_TAP_FD + i as i32,
+                name,
+                record.tap_offloads.unwrap_or_default(),
+            )
+        })
         .collect::<Result<Vec<_>, _>>()?;
     // The stable sockets' fd numbers follow the console log's, which
     // follows the taps: one per recorded tap.
@@ -712,6 +790,23 @@ pub async fn adopt(record: InstanceRecord) -> Result<Instance, InstanceError> {
             domid: record.domid,
             source,
         })?;
+    // The guard's listener first answers for the instance whose vCPUs
+    // run; a stopped one (a migration's destination or stopped source)
+    // becomes the owner when it is resumed (`set_tap_owner`).
+    let tap_guard = if record.tap_guard {
+        let running = matches!(qmp.status().await, Ok((true, _)));
+        Some(Arc::new(
+            tapguard::TapGuard::recover(
+                &pidfd,
+                cmdline::tapguard_fd_for(nics),
+                running,
+                record.tap_offloads.unwrap_or_default(),
+            )
+            .map_err(InstanceError::TapGuard)?,
+        ))
+    } else {
+        None
+    };
     Ok(Instance {
         record,
         qmp: Arc::new(qmp),
@@ -719,6 +814,7 @@ pub async fn adopt(record: InstanceRecord) -> Result<Instance, InstanceError> {
         ram: Arc::new(ram),
         taps: Arc::new(taps),
         endpoints: Arc::new(Endpoints { guest_agent, vnc }),
+        tap_guard,
         exit_intent: Default::default(),
     })
 }

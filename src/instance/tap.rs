@@ -6,19 +6,17 @@
 //! migration: frames that arrive while both QEMUs are paused wait in the
 //! tap's queue (its txqueuelen) and the new instance reads them.
 //!
-//! The tap is opened with `IFF_TAP | IFF_NO_PI` and *without*
-//! `IFF_VNET_HDR` (QEMU probes the fd and uses none). Measured reason: the vnet
-//! header length is a property of the tap device, and a new QEMU sets it
-//! (`TUNSETVNETHDRSZ` to 10 bytes) when its virtio-net device is realized,
-//! long before switchover, while the running instance uses 12 (virtio 1.0).
-//! Every frame in both directions is then misframed by two bytes until the
-//! migration completes: the first test, at 1000 datagrams/s, lost about
-//! 120 per migration that way (1191 of 5413 over ten). Without the header there is no shared per-device
-//! state a new instance changes; the cost is no checksum/GSO offload between
-//! host and guest. (QEMU probes the flag on the fd; `vnet_hdr=` may not be
-//! given with `fd=`.) A name that does not exist is created (and goes
-//! away when the last fd closes, i.e. when the domain stops); a persistent
-//! tap an admin created is attached as is.
+//! The tap is opened with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`: QEMU
+//! finds the flag on the fd and uses a vnet header, so the guest gets
+//! checksum offload, TSO and UFO/USO between host and guest. The header
+//! length and the offloads are properties of the *device*, shared by
+//! every instance; which instance may change them is the tap guard's
+//! business (`instance::tapguard`). Before any QEMU runs, the agent asks
+//! the kernel which offloads it accepts ([`TapOffloads`], the answers the
+//! guard gives a destination's probes) and leaves none on. A name that
+//! does not exist is created (and goes away when the last fd closes, i.e.
+//! when the domain stops); a persistent tap an admin created is attached
+//! as is.
 //!
 //! After an agent restart the fd is taken back from the running QEMU with
 //! `pidfd_getfd` (opening `/proc/PID/fd/N` would open `/dev/net/tun` anew,
@@ -37,6 +35,8 @@ const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+const TUN_F_CSUM: libc::c_ulong = 0x01;
 const SIOCBRADDIF: libc::c_ulong = 0x89a2;
 
 #[derive(Debug, thiserror::Error)]
@@ -106,11 +106,15 @@ fn name_of(b: &[u8; libc::IFNAMSIZ]) -> String {
     String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
+/// Which offload probes the kernel accepts on the domain's taps.
+pub type TapOffloads = crate::instance::tapguard::Offloads;
+
 /// One tap device, held open by the agent.
 #[derive(Debug)]
 pub struct Tap {
     name: String,
     fd: OwnedFd,
+    offloads: TapOffloads,
 }
 
 impl Tap {
@@ -131,7 +135,7 @@ impl Tap {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let mut req = IfReqFlags {
             name: ifname_bytes(name),
-            flags: IFF_TAP | IFF_NO_PI,
+            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
             _pad: [0; 22],
         };
         // SAFETY: TUNSETIFF reads and writes one struct ifreq.
@@ -148,17 +152,33 @@ impl Tap {
         let tap = Tap {
             name: name_of(&req.name),
             fd,
+            offloads: TapOffloads::default(),
         };
-        // No offloads: without a vnet header they cannot be used, and a
-        // persistent tap may carry some from an earlier user. (QEMU's own
-        // TUNSETOFFLOAD calls are refused, see instance::sandbox.)
-        // SAFETY: TUNSETOFFLOAD takes an integer argument.
-        if unsafe { libc::ioctl(tap.fd.as_raw_fd(), TUNSETOFFLOAD, 0 as libc::c_ulong) } < 0 {
+        let set_offload = |flags: libc::c_ulong| {
+            // SAFETY: TUNSETOFFLOAD takes an integer argument.
+            unsafe { libc::ioctl(tap.fd.as_raw_fd(), TUNSETOFFLOAD, flags) == 0 }
+        };
+        // The probes QEMU makes, answered by the kernel now, before any
+        // guest traffic; then no offloads until the first QEMU's guest
+        // negotiates its own (a persistent tap may carry some from an
+        // earlier user).
+        let offloads = TapOffloads {
+            ufo: set_offload(TUN_F_CSUM | crate::instance::tapguard::TUN_F_UFO as libc::c_ulong),
+            uso: set_offload(
+                TUN_F_CSUM
+                    | (crate::instance::tapguard::TUN_F_USO4
+                        | crate::instance::tapguard::TUN_F_USO6)
+                        as libc::c_ulong,
+            ),
+        };
+        if !set_offload(0) {
             return Err(TapError::SetIff {
                 name: tap.name.clone(),
                 source: io::Error::last_os_error(),
             });
         }
+        tracing::debug!(tap = %tap.name, ?offloads, "tap opened with a vnet header");
+        let tap = Tap { offloads, ..tap };
         let ctl = ctl_socket().map_err(|source| TapError::LinkUp {
             name: tap.name.clone(),
             source,
@@ -177,8 +197,15 @@ impl Tap {
         Ok(tap)
     }
 
-    /// Take the tap at fd `fd` of a running QEMU back (agent restart).
-    pub fn recover(pidfd: &Pidfd, fd: i32, expected: &str) -> Result<Tap, TapError> {
+    /// Take the tap at fd `fd` of a running QEMU back (agent restart);
+    /// `offloads` as recorded when it was opened (probing again would
+    /// switch offloads on under the running guest).
+    pub fn recover(
+        pidfd: &Pidfd,
+        fd: i32,
+        expected: &str,
+        offloads: TapOffloads,
+    ) -> Result<Tap, TapError> {
         let pid = pidfd.pid();
         let owned = pidfd
             .get_fd(fd)
@@ -208,11 +235,16 @@ impl Tap {
         Ok(Tap {
             name: found,
             fd: owned,
+            offloads,
         })
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    pub fn offloads(&self) -> TapOffloads {
+        self.offloads
     }
 
     pub fn raw_fd(&self) -> i32 {

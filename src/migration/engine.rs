@@ -470,6 +470,12 @@ impl<H: Host> Migration<'_, H> {
         let pause = std::env::var(TEST_PAUSE_ENV).ok().as_deref() == Some("finish:resume");
         let marker = domain_run_dir(self.host.run_dir(), self.host.name()).join("test-paused");
         let dst_exited = || dst.pidfd.exited();
+        // The taps change hands with the guest: from right before `cont`
+        // the destination's tap ioctls run, the source's do not.
+        let hand_over = |to_dst: bool| {
+            src.set_tap_owner(!to_dst);
+            dst.set_tap_owner(to_dst);
+        };
         let resumed = resume_destination(
             &src.qmp,
             src_exited,
@@ -477,15 +483,22 @@ impl<H: Host> Migration<'_, H> {
             dst_exited,
             &mut events,
             || intent(file, &path),
-            || async {
-                if pause {
-                    tracing::warn!("test pause: migration task stops at finish:resume");
-                    let _ = std::fs::write(&marker, "finish:resume");
-                    std::future::pending::<()>().await;
+            || {
+                hand_over(true);
+                async move {
+                    if pause {
+                        tracing::warn!("test pause: migration task stops at finish:resume");
+                        let _ = std::fs::write(&marker, "finish:resume");
+                        std::future::pending::<()>().await;
+                    }
                 }
             },
         )
         .await;
+        if let Err(Resume::NotResumed(_)) = &resumed {
+            // The destination did not run: the source keeps the guest.
+            hand_over(false);
+        }
         let st = State::Completed { dst, events, at };
         let st = match resumed {
             Ok(()) => st.resuming()?.resumed()?,

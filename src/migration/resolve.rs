@@ -64,6 +64,7 @@ pub async fn keep_source<H: Host>(
         match src.qmp.status().await {
             Ok((false, status)) => {
                 tracing::info!(domain = %name, %status, "resuming the source");
+                src.set_tap_owner(true);
                 if let Err(e) = src.qmp.cont().await {
                     tracing::error!(
                         domain = %name,
@@ -117,6 +118,7 @@ pub async fn switch_to_destination<H: Host>(
             Ok((true, _)) => {}
             Ok((false, status)) => {
                 tracing::info!(domain = %name, %status, "resuming the destination");
+                dst.set_tap_owner(true);
                 if let Err(e) = dst.qmp.cont().await {
                     tracing::error!(
                         domain = %name,
