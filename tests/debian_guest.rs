@@ -393,14 +393,7 @@ fn guest_exec(rig: &Rig, path: &str, args: &[&str]) -> Vec<u8> {
 
 /// A VNC client at the stable path gets QEMU's RFB greeting.
 fn assert_vnc(rig: &Rig, when: &str) {
-    let p = rig.run.join(format!("domains/{NAME}/vnc.sock"));
-    let mut s = std::os::unix::net::UnixStream::connect(&p)
-        .unwrap_or_else(|e| panic!("{when}: vnc connect: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut g = [0u8; 12];
-    s.read_exact(&mut g)
-        .unwrap_or_else(|e| panic!("{when}: no RFB greeting: {e}"));
-    assert!(g.starts_with(b"RFB 003."), "{when}: {g:?}");
+    rig.assert_rfb_greeting(NAME, Duration::from_secs(20), when);
 }
 
 /// What the scenario knows of the guest it checks after every step.
@@ -773,16 +766,7 @@ fn debian_guest_on_uefi_hugepages_through_migrations_restarts_and_a_reboot() {
     let before = rig.info(NAME);
     let t = stream.now();
     let mig = rig.migrate_bg(NAME, &["--emulator", SYSTEM_QEMU]);
-    let marker = rig.run.join(format!("domains/{NAME}/test-paused"));
-    let t0 = Instant::now();
-    while !marker.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "the migration never paused at finish:before: {}",
-            tail(&rig.agent_log_text(), 20)
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    rig.wait_test_paused(NAME, Duration::from_secs(120));
     let job: Value = serde_json::from_slice(
         &std::fs::read(rig.run.join(format!("domains/{NAME}/job.json"))).expect("job.json"),
     )
@@ -792,7 +776,6 @@ fn debian_guest_on_uefi_hugepages_through_migrations_restarts_and_a_reboot() {
         .map(|d| d["domid"].clone())
         .or_else(|| job.get("dst_domid").cloned())
         .unwrap_or_else(|| panic!("no destination in job.json: {job}"));
-    std::fs::remove_file(&marker).expect("remove the pause marker");
     rig.kill_agent();
     let o = mig.join().expect("migrate thread");
     assert!(!o.status.success(), "the client lost its agent");

@@ -21,15 +21,7 @@ fn socket(rig: &Rig) -> std::path::PathBuf {
 
 /// A VNC client at the stable path gets QEMU's RFB greeting.
 fn assert_vnc(rig: &Rig, when: &str) {
-    use std::io::Read;
-    let p = rig.run.join("domains/ga/vnc.sock");
-    let mut s = std::os::unix::net::UnixStream::connect(&p)
-        .unwrap_or_else(|e| panic!("{when}: vnc connect: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut g = [0u8; 12];
-    s.read_exact(&mut g)
-        .unwrap_or_else(|e| panic!("{when}: no RFB greeting: {e}"));
-    assert!(g.starts_with(b"RFB 003."), "{when}: {g:?}");
+    rig.assert_rfb_greeting("ga", Duration::from_secs(10), when);
 }
 
 /// The path is a socket, 0660, and `connect` reaches a listener.
@@ -151,12 +143,7 @@ fn the_sockets_are_served_after_a_migration_the_agent_died_in() {
         rig.wait_heartbeat_past("ga", 100, Duration::from_secs(90));
         let src = rig.info("ga")["domid"].clone();
         let mig = rig.migrate_bg("ga", &[]);
-        let marker = rig.run.join("domains/ga/test-paused");
-        let t0 = std::time::Instant::now();
-        while !marker.exists() {
-            assert!(t0.elapsed() < Duration::from_secs(30), "{at}: never paused");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        rig.wait_test_paused("ga", Duration::from_secs(30));
         rig.kill_agent();
         let _ = mig.join();
         rig.start_agent();

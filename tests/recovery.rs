@@ -32,24 +32,11 @@ fn paused_rig(at: &str) -> (Rig, Heartbeat, Value) {
     (rig, hb, before)
 }
 
-/// Migrate `rec` until the agent pauses at `at`; returns the job file and
-/// the client's thread.
-fn migrate_until_paused(
-    rig: &Rig,
-    at: &str,
-) -> (Value, std::thread::JoinHandle<std::process::Output>) {
+/// Migrate `rec` until the agent pauses (at its `QLIVE_TEST_PAUSE_AT`);
+/// returns the job file and the client's thread.
+fn migrate_until_paused(rig: &Rig) -> (Value, std::thread::JoinHandle<std::process::Output>) {
     let mig = rig.migrate_bg("rec", &[]);
-    let marker = rig.run.join("domains/rec/test-paused");
-    let t0 = Instant::now();
-    while !marker.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "never paused at {at}: {}",
-            tail(&rig.agent_log_text(), 20)
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let _ = std::fs::remove_file(&marker);
+    rig.wait_test_paused("rec", Duration::from_secs(30));
     let job: Value =
         serde_json::from_slice(&std::fs::read(rig.run.join("domains/rec/job.json")).unwrap())
             .unwrap();
@@ -59,7 +46,7 @@ fn migrate_until_paused(
 fn kill_in_phase(at: &str, winner: Winner, decision: &str) {
     let (mut rig, hb, before) = paused_rig(at);
     let name = "rec";
-    let (job, mig) = migrate_until_paused(&rig, at);
+    let (job, mig) = migrate_until_paused(&rig);
     let target_domid = job
         .get("dst")
         .map(|d| d["domid"].clone())
@@ -198,7 +185,7 @@ fn alive(pid: i32) -> bool {
 /// before, and its info after recovery.
 fn kill_agent_and_destination(at: &str) -> (Rig, Value, Value) {
     let (mut rig, _, before) = paused_rig(at);
-    let (job, mig) = migrate_until_paused(&rig, at);
+    let (job, mig) = migrate_until_paused(&rig);
     let dst_pid = job["dst"]["process"]["pid"].as_i64().expect("dst pid") as i32;
     rig.kill_agent();
     let _ = mig.join().unwrap();

@@ -285,6 +285,35 @@ impl Rig {
         }
     }
 
+    /// Wait until the agent's migration task of `name` stopped at its
+    /// `QLIVE_TEST_PAUSE_AT` point (it writes `test-paused` first), and
+    /// remove the marker.
+    pub fn wait_test_paused(&self, name: &str, timeout: Duration) {
+        let marker = self.run.join(format!("domains/{name}/test-paused"));
+        let t0 = Instant::now();
+        while !marker.exists() {
+            assert!(
+                t0.elapsed() < timeout,
+                "{name}: the migration never paused: {}",
+                tail(&self.agent_log_text(), 20)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = std::fs::remove_file(&marker);
+    }
+
+    /// A VNC client of `name`'s stable socket gets QEMU's RFB greeting
+    /// within `timeout`.
+    pub fn assert_rfb_greeting(&self, name: &str, timeout: Duration, when: &str) {
+        let p = self.run.join(format!("domains/{name}/vnc.sock"));
+        let mut s = UnixStream::connect(&p).unwrap_or_else(|e| panic!("{when}: vnc connect: {e}"));
+        s.set_read_timeout(Some(timeout)).expect("read timeout");
+        let mut g = [0u8; 12];
+        s.read_exact(&mut g)
+            .unwrap_or_else(|e| panic!("{when}: no RFB greeting: {e}"));
+        assert!(g.starts_with(b"RFB 003."), "{when}: {g:?}");
+    }
+
     /// `qlive migrate NAME --json [args]` in a background thread.
     pub fn migrate_bg(&self, name: &str, args: &[&str]) -> std::thread::JoinHandle<Output> {
         let mut cmd = Command::new(qlive_bin());
