@@ -202,6 +202,7 @@ impl Direct {
             mode,
             ram: ram.clone(),
             taps: Default::default(),
+            tap_set: 0,
             endpoints: Default::default(),
             labels: None,
             run_as: None,

@@ -528,7 +528,33 @@ fn verify_disk(rig: &Rig, img: &Path, acked: u64) {
 #[test]
 fn a_tap_in_use_fails_the_start_cleanly() {
     let rig = Rig::new_netns();
-    rig.in_netns("ip", &["tuntap", "add", "dev", "busy0", "mode", "tap"]);
+    // A persistent tap must be multi-queue (two sets of queues: the
+    // running QEMU's and a migration destination's): refused otherwise,
+    // naming the fix, before anything starts.
+    rig.in_netns("ip", &["tuntap", "add", "dev", "single0", "mode", "tap"]);
+    rig.define_guest("s", 128, json!({"nics": [{"tap": "single0"}]}));
+    let (code, err) = rig.fails(&["start", "s"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("tap single0 exists and is not multi-queue")
+            && err.contains("ip tuntap add dev single0 mode tap multi_queue vnet_hdr"),
+        "{err}"
+    );
+    assert_eq!(rig.info("s")["state"], "shut-off");
+    assert!(rig.qemu_pids().is_empty());
+    rig.in_netns(
+        "ip",
+        &[
+            "tuntap",
+            "add",
+            "dev",
+            "busy0",
+            "mode",
+            "tap",
+            "multi_queue",
+            "vnet_hdr",
+        ],
+    );
     // A persistent tap is attached as is...
     rig.define_guest("a", 128, json!({"nics": [{"tap": "busy0"}]}));
     rig.ok(&["start", "a"]);

@@ -41,6 +41,7 @@ async fn two_instances_of_one_domain_do_not_clash() {
         mode,
         ram: ram.clone(),
         taps: Default::default(),
+        tap_set: 0,
         endpoints: Default::default(),
         labels: None,
         run_as: None,

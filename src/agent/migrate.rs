@@ -81,6 +81,11 @@ impl Host for DomainHost {
         // the same file (its spawn fails, naming it, if it is gone).
         let nvram = (def.firmware == crate::domain::definition::Firmware::Uefi)
             .then(|| self.agent.nvram_path(&self.dom.name));
+        // The destination reads the taps' other set of queues.
+        let tap_set = src.tap_set() ^ 1;
+        for t in src.taps.iter() {
+            t.reset_set(tap_set);
+        }
         instance::spawn(SpawnSpec {
             def,
             domid,
@@ -91,6 +96,7 @@ impl Host for DomainHost {
             mode: StartMode::Incoming,
             ram: src.ram.clone(),
             taps: src.taps.clone(),
+            tap_set,
             endpoints: src.endpoints.clone(),
             labels,
             run_as: self.agent.qemu_user.as_ref(),

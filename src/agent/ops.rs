@@ -366,14 +366,21 @@ impl Agent {
         // The taps live as long as this run of the domain: every instance
         // gets the same fds, so a migration never recreates the device.
         let mut taps = Vec::with_capacity(st.def.nics.len());
-        for n in &st.def.nics {
+        if !st.def.nics.is_empty() {
+            // The taps keep their steering there (instance::tap).
+            self.create_domain_run_dir(&dom.name)?;
+        }
+        for (i, n) in st.def.nics.iter().enumerate() {
+            let state = crate::instance::tap::steering_file(
+                &crate::instance::paths::domain_run_dir(&self.cfg.run_dir, &dom.name),
+                i,
+            );
             let tap =
-                crate::instance::tap::Tap::open(n.tap(), n.bridge.as_deref()).map_err(|e| {
-                    AgentError::Start {
+                crate::instance::tap::Tap::open(n.tap(), n.bridge.as_deref(), n.queues(), state)
+                    .map_err(|e| AgentError::Start {
                         name: dom.name.clone(),
                         source: e.into(),
-                    }
-                })?;
+                    })?;
             taps.push(tap);
         }
         let taps = Arc::new(taps);
@@ -411,6 +418,7 @@ impl Agent {
             mode: StartMode::Boot,
             ram,
             taps,
+            tap_set: 0,
             endpoints: endpoints.clone(),
             labels,
             run_as: self.qemu_user.as_ref(),
@@ -500,7 +508,19 @@ impl Agent {
                 limit: paths::MAX_SOCKET_PATH,
             }));
         }
-        let dir = paths::domain_run_dir(&self.cfg.run_dir, &def.name);
+        self.create_domain_run_dir(&def.name)?;
+        let gid = nix::unistd::Group::from_name(&self.cfg.api_group)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw());
+        endpoint::Endpoint::bind(path, 0o660, gid).map_err(|e| start_err(e.into()))
+    }
+
+    /// The domain's run directory (stable sockets, tap steering): 0711
+    /// when QEMU runs as a user (it reaches its instance directory), 0700
+    /// otherwise; an existing one is kept.
+    fn create_domain_run_dir(&self, name: &str) -> Result<(), AgentError> {
+        let dir = crate::instance::paths::domain_run_dir(&self.cfg.run_dir, name);
         let mode = if self.qemu_user.is_some() {
             0o711
         } else {
@@ -509,12 +529,7 @@ impl Agent {
         crate::fsutil::create_dir(&dir, mode).map_err(|source| AgentError::Io {
             what: format!("creating {}", dir.display()),
             source,
-        })?;
-        let gid = nix::unistd::Group::from_name(&self.cfg.api_group)
-            .ok()
-            .flatten()
-            .map(|g| g.gid.as_raw());
-        endpoint::Endpoint::bind(path, 0o660, gid).map_err(|e| start_err(e.into()))
+        })
     }
 
     /// Notice the instance's exit (pidfd), whoever caused it, and record

@@ -18,8 +18,16 @@ pub const KEEP: &[(Capability, &str)] = &[
         "create taps (TUNSETIFF), add them to bridges, set their link up",
     ),
     (
+        Capability::CAP_BPF,
+        "load the taps' steering programs (TUNSETSTEERINGEBPF), which move a guest's frames to the migration's destination",
+    ),
+    (
+        Capability::CAP_NET_RAW,
+        "send frames a failed migration's destination never read back to the guest (a packet socket on the tap)",
+    ),
+    (
         Capability::CAP_SYS_PTRACE,
-        "pidfd_getfd of a running QEMU's tap fds and /proc/PID/fd, maps, exe of QEMUs after an agent restart",
+        "pidfd_getfd of a running QEMU's tap fds and /proc/PID/fd, maps, exe of QEMUs after an agent restart; the tap guard reads the argument of a QEMU's TUNSETQUEUE (process_vm_readv)",
     ),
     (
         Capability::CAP_KILL,

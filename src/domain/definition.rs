@@ -280,9 +280,20 @@ pub struct Nic {
     /// own setup (hooks, networkd) takes care of the tap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bridge: Option<String>,
+    /// Queue pairs of the virtio-net device (multi-queue when above 1):
+    /// guest ABI, 1 to [`MAX_QUEUES`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u16>,
 }
 
+/// The most queue pairs a NIC may have.
+pub const MAX_QUEUES: u16 = crate::instance::tap::MAX_QUEUES;
+
 impl Nic {
+    /// Queue pairs (1 unless set).
+    pub fn queues(&self) -> u16 {
+        self.queues.unwrap_or(1)
+    }
     /// The MAC (always set once the definition was stored).
     pub fn mac(&self) -> &str {
         self.mac.as_deref().unwrap_or("")
@@ -650,6 +661,14 @@ impl Definition {
                             format!("must be an interface name of 1 to {MAX_IFNAME} characters from [A-Za-z0-9_.-] (got {v:?})"),
                         ));
                     }
+                }
+            }
+            if let Some(q) = n.queues {
+                if !(1..=MAX_QUEUES).contains(&q) {
+                    return Err(DefinitionError::invalid(
+                        format!("nics[{i}].queues"),
+                        format!("must be 1 to {MAX_QUEUES} (got {q})"),
+                    ));
                 }
             }
             if let Some(t) = &n.tap {
@@ -1126,6 +1145,11 @@ mod tests {
         let mut v = base();
         v["nics"] = serde_json::json!([{"bridge": "waytoolongbridge0"}]);
         assert!(err(v).contains("nics[0].bridge"));
+        for q in [0, 9, 300] {
+            let mut v = base();
+            v["nics"] = serde_json::json!([{"queues": q}]);
+            assert!(err(v).contains("nics[0].queues"), "queues {q}");
+        }
         let mut v = base();
         v["nics"] = serde_json::json!([{"mac": "52:54:00:AA:00:01"}, {}, {}]);
         let mut d = Definition::from_value(&v).unwrap();

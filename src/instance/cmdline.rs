@@ -94,6 +94,34 @@ pub fn tapguard_fd_for(nics: usize) -> i32 {
     console_fd_for(nics) + 4
 }
 
+/// The fd numbers of NIC `nic`'s tap queues inside QEMU, for NICs with
+/// `queues[i]` queue pairs each (0: an older qlive's single-queue tap):
+/// first the queues the instance reads, queue 0 at `FIRST_TAP_FD + nic`
+/// and the others after the tap guard's listener, then the other set's
+/// queues (`instance::tap`), which it holds but never reads.
+pub fn tap_fd_numbers(queues: &[u16], nic: usize) -> (Vec<i32>, Vec<i32>) {
+    let extra = |q: u16| if q == 0 { 0 } else { 2 * i32::from(q) - 1 };
+    let q = queues.get(nic).copied().unwrap_or(0);
+    let base =
+        tapguard_fd_for(queues.len()) + 1 + queues.iter().take(nic).map(|&q| extra(q)).sum::<i32>();
+    let first = crate::instance::tap::FIRST_TAP_FD + nic as i32;
+    if q == 0 {
+        return (vec![first], vec![]);
+    }
+    let n = i32::from(q);
+    let own = std::iter::once(first).chain(base..base + n - 1).collect();
+    let other = (base + n - 1..base + 2 * n - 1).collect();
+    (own, other)
+}
+
+/// The highest fd number an instance inherits (with the most NICs and
+/// queues a definition allows).
+pub fn last_inherited_fd() -> i32 {
+    let max = [crate::instance::tap::MAX_QUEUES; crate::domain::definition::MAX_NICS];
+    let (_, other) = tap_fd_numbers(&max, max.len() - 1);
+    other.last().copied().unwrap_or(tapguard_fd_for(max.len()))
+}
+
 /// The fd set the NVRAM fd is added to (`-add-fd`).
 pub const NVRAM_FDSET: u32 = 2;
 pub const FW_CODE_NODE: &str = "qlive-fw-code";
@@ -216,21 +244,37 @@ pub fn build(
             a.push(arg);
         }
     }
+    let queues: Vec<u16> = def.nics.iter().map(|n| n.queues()).collect();
     for (i, n) in def.nics.iter().enumerate() {
-        // The tap is the agent's fd, inherited at a fixed number: QEMU
-        // never opens or configures the device by name. No option ROM:
-        // qlive boots kernels and disks, and a ROM whose size changes
-        // between QEMU builds would make the migration stream incompatible.
-        // The vnet header comes from the tap's flags (crate::instance::tap);
-        // the tap guard decides which instance may reconfigure it.
+        // The tap's queues are the agent's fds, inherited at fixed
+        // numbers: QEMU never opens or configures the device by name. No
+        // option ROM: qlive boots kernels and disks, and a ROM whose size
+        // changes between QEMU builds would make the migration stream
+        // incompatible. The vnet header comes from the tap's flags
+        // (crate::instance::tap); the tap guard decides which instance may
+        // reconfigure it.
+        let (own, _) = tap_fd_numbers(&queues, i);
+        let fds = match own.as_slice() {
+            [one] => format!("fd={one}"),
+            many => format!(
+                "fds={}",
+                many.iter()
+                    .map(|f| f.to_string())
+                    .collect::<Vec<_>>()
+                    .join(":")
+            ),
+        };
         a.push("-netdev".into());
-        a.push(format!(
-            "tap,id=qlive-net{i},fd={},vhost=off",
-            crate::instance::tap::FIRST_TAP_FD + i as i32
-        ));
+        a.push(format!("tap,id=qlive-net{i},{fds},vhost=off"));
+        // Multi-queue: one MSI-X vector per virtqueue, plus config and
+        // control (what libvirt gives: 2 * queues + 2).
+        let mq = match n.queues() {
+            1 => String::new(),
+            q => format!(",mq=on,vectors={}", 2 * u32::from(q) + 2),
+        };
         a.push("-device".into());
         a.push(format!(
-            "virtio-net-pci,netdev=qlive-net{i},id=net{i},mac={},romfile=",
+            "virtio-net-pci,netdev=qlive-net{i},id=net{i},mac={},romfile={mq}",
             n.mac()
         ));
     }
@@ -366,6 +410,30 @@ mod tests {
         assert!(j.contains("tap,id=qlive-net1,fd=5,"), "{j}");
         // the JSON blockdev keeps the comma path intact
         assert!(j.contains(r#""filename":"/img,with,commas.qcow2""#), "{j}");
+    }
+
+    #[test]
+    fn multi_queue_nics_read_their_set_and_hold_the_other() {
+        // two NICs: taps 4 and 5, console 6, ..., tap guard 10; the
+        // queues beyond the first after it, NIC by NIC
+        assert_eq!(tapguard_fd_for(2), 10);
+        assert_eq!(tap_fd_numbers(&[1, 3], 0), (vec![4], vec![11]));
+        assert_eq!(
+            tap_fd_numbers(&[1, 3], 1),
+            (vec![5, 12, 13], vec![14, 15, 16])
+        );
+        // an older qlive's single-queue taps: nothing more
+        assert_eq!(tap_fd_numbers(&[0, 0], 1), (vec![5], vec![]));
+        let mut d = def();
+        d.nics[1].queues = Some(3);
+        let j = boot_line(&d);
+        assert!(j.contains("tap,id=qlive-net0,fd=4,vhost=off "), "{j}");
+        assert!(
+            j.contains("tap,id=qlive-net1,fds=5:12:13,vhost=off -device virtio-net-pci,netdev=qlive-net1,id=net1,mac=52:54:00:00:00:02,romfile=,mq=on,vectors=8"),
+            "{j}"
+        );
+        assert!(last_inherited_fd() > tapguard_fd_for(8));
+        assert!(last_inherited_fd() < 200);
     }
 
     /// The command line of a fresh boot of `d`, joined.

@@ -19,6 +19,7 @@ pub mod process;
 pub mod runas;
 pub mod sandbox;
 pub mod selinux;
+pub mod steering;
 pub mod tap;
 pub mod tapguard;
 
@@ -36,7 +37,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tap::{Tap, TapError, FIRST_TAP_FD};
+use tap::{Tap, TapError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
@@ -82,6 +83,17 @@ pub enum InstanceError {
     Endpoint(#[from] EndpointError),
     #[error("tap guard")]
     TapGuard(#[source] tapguard::TapGuardError),
+    #[error(
+        "nics[{nic}].queues is {defined} but the running guest's tap has {running}: \
+         the queue count is fixed for a run of the domain; stop and start it to apply"
+    )]
+    QueuesChanged {
+        nic: usize,
+        running: u16,
+        defined: u16,
+    },
+    #[error("steering the taps' frames")]
+    Steering(#[source] steering::SteeringError),
     #[error("UEFI firmware")]
     Firmware(#[source] firmware::FirmwareError),
     #[error("SELinux: labelling {what} {context}")]
@@ -140,9 +152,17 @@ pub struct InstanceRecord {
     /// of an older qlive have the ROMs in `loaded` instead.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub firmware: Vec<files::FileId>,
-    /// Tap names, NIC `i` at fd `FIRST_TAP_FD + i` in the process.
+    /// Tap names, NIC `i`'s first queue at fd `FIRST_TAP_FD + i` in the
+    /// process (the others: `cmdline::tap_fd_numbers`).
     #[serde(default)]
     pub taps: Vec<String>,
+    /// Queue pairs per NIC, each tap holding two sets of them
+    /// (`instance::tap`). Empty: an older qlive's single-queue taps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tap_queues: Vec<u16>,
+    /// The set of each tap's queues this instance reads.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tap_set: u8,
     /// The disk images as the instance opened them.
     #[serde(default)]
     pub disks: Vec<DiskId>,
@@ -167,6 +187,10 @@ pub struct InstanceRecord {
     /// probes with it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tap_offloads: Option<tap::TapOffloads>,
+}
+
+fn is_zero(v: &u8) -> bool {
+    *v == 0
 }
 
 /// A live instance held by the agent.
@@ -198,6 +222,9 @@ pub struct SpawnSpec<'a> {
     pub mode: StartMode,
     pub ram: Arc<GuestRam>,
     pub taps: Arc<Vec<Tap>>,
+    /// The set of the taps' queues the instance reads: 0 for a boot, the
+    /// one its source does not read for a destination.
+    pub tap_set: u8,
     pub endpoints: Arc<Endpoints>,
     /// The domain's SELinux labels; None when SELinux is not enabled.
     pub labels: Option<selinux::Labels>,
@@ -231,7 +258,8 @@ fn now_unix() -> u64 {
 pub fn reserve_inherited_fd_numbers() -> io::Result<()> {
     // guest RAM, the taps, the console log, the guest agent's and VNC's
     // sockets, the NVRAM, the tap guard's listener
-    let last = tap::FIRST_TAP_FD + crate::domain::definition::MAX_NICS as i32 + 4;
+    // and every tap queue beyond the first of each NIC
+    let last = cmdline::last_inherited_fd();
     for n in GUEST_RAM_FD..=last {
         // SAFETY: F_GETFD only probes whether `n` is open.
         if unsafe { libc::fcntl(n, libc::F_GETFD) } >= 0 {
@@ -354,10 +382,32 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
         path: paths.log.clone(),
         source,
     })?;
-    // (fd in the agent, fd number in QEMU): guest RAM, then the taps.
+    // (fd in the agent, fd number in QEMU): guest RAM, then the taps'
+    // queues, the set it reads first.
     let mut fds: Vec<(i32, i32)> = vec![(spec.ram.raw_fd(), GUEST_RAM_FD)];
+    let layout: Vec<u16> = spec.taps.iter().map(|t| t.queues()).collect();
+    let mut queue_fds: Vec<(i32, usize, u16)> = Vec::new();
     for (i, t) in spec.taps.iter().enumerate() {
-        fds.push((t.raw_fd(), FIRST_TAP_FD + i as i32));
+        let want = spec.def.nics.get(i).map_or(1, |n| n.queues());
+        if t.queues() != want && !(t.queues() == 0 && want == 1) {
+            return Err(InstanceError::QueuesChanged {
+                nic: i,
+                running: t.queues(),
+                defined: want,
+            });
+        }
+        let (own, other) = cmdline::tap_fd_numbers(&layout, i);
+        for (j, &n) in own.iter().enumerate() {
+            queue_fds.push((n, i, j as u16));
+        }
+        use std::os::fd::AsRawFd;
+        for (f, n) in t
+            .fds_for(spec.tap_set)
+            .iter()
+            .zip(own.iter().chain(other.iter()))
+        {
+            fds.push((f.as_raw_fd(), *n));
+        }
     }
     {
         use std::os::fd::AsRawFd;
@@ -402,12 +452,23 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
     // from the start when it boots it, not when it waits for a migration.
     let tap_filter = (!spec.taps.is_empty()).then(tapguard::Filter::new);
     let guarded = tap_filter.is_some();
+    let guard_queues = tapguard::Queues {
+        taps: spec.taps.clone(),
+        set: spec.tap_set,
+        fds: queue_fds,
+    };
     let tap_offloads = spec.taps.first().map(|t| t.offloads());
     let tapguard_fd = cmdline::tapguard_fd(spec.def);
     let qemu_caps = sandbox::QemuCaps::new();
-    // guest RAM, one tap per NIC, the console log, the guest agent's and
+    // guest RAM, the taps' queues, the console log, the guest agent's and
     // VNC's sockets and the NVRAM must fit the fixed array in pre_exec
-    const _: () = assert!(crate::domain::definition::MAX_NICS + 5 <= 16);
+    const MOVED: usize = 192;
+    if fds.len() > MOVED {
+        return Err(InstanceError::Launch {
+            emulator: emulator.clone(),
+            source: io::Error::other(format!("{} inherited fds, at most {MOVED}", fds.len())),
+        });
+    }
     let mut cmd = std::process::Command::new(&emulator);
     cmd.args(&args)
         .stdin(std::process::Stdio::null())
@@ -420,7 +481,7 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
         cmd.pre_exec(move || {
             // First move every source out of the target range (close-on-
             // exec copies), so no dup2 overwrites a source not yet placed.
-            let mut tmp = [0i32; 16];
+            let mut tmp = [0i32; MOVED];
             for (k, (src, _)) in fds.iter().enumerate().take(tmp.len()) {
                 let t = libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, 64);
                 if t < 0 {
@@ -472,6 +533,7 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
                         tapguard_fd,
                         owner,
                         tap_offloads.unwrap_or_default(),
+                        Some(guard_queues),
                     )
                     .map_err(io::Error::other)
                 });
@@ -578,6 +640,12 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
             loaded,
             firmware,
             taps: spec.taps.iter().map(|t| t.name().to_string()).collect(),
+            tap_queues: if layout.contains(&0) {
+                vec![]
+            } else {
+                layout.clone()
+            },
+            tap_set: spec.tap_set,
             disks,
             guest_agent: spec
                 .endpoints
@@ -616,6 +684,58 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
 }
 
 impl Instance {
+    /// The set of the taps' queues this instance reads.
+    pub fn tap_set(&self) -> u8 {
+        self.record.tap_set & 1
+    }
+
+    /// From now on the taps hand every frame to this instance's queues (a
+    /// migration's destination, before `migrate`); then wait, at most
+    /// `timeout` per tap, until the other set's queues are empty: the
+    /// source, still running, has read every frame it was given, so none
+    /// is left in a QEMU that is about to stop. `Ok(false)`: a queue still
+    /// held frames after the timeout (its guest stopped reading).
+    pub async fn receive_from_now(&self, timeout: Duration) -> Result<bool, InstanceError> {
+        let set = self.tap_set();
+        for t in self.taps.iter() {
+            t.steer_to(set).map_err(InstanceError::Steering)?;
+        }
+        let mut drained = true;
+        for t in self.taps.iter() {
+            if !t.drain(set ^ 1, timeout).await {
+                tracing::warn!(tap = t.name(), "the source's queues did not drain");
+                drained = false;
+            }
+        }
+        Ok(drained)
+    }
+
+    /// This instance keeps (or takes) the guest and no other QEMU reads
+    /// the taps: frames go to its queues, and what the other set's
+    /// queues still hold (frames a failed destination never read, or a
+    /// dead source left) is sent through the tap again, to it.
+    pub fn take_traffic(&self) {
+        let set = self.tap_set();
+        for t in self.taps.iter() {
+            if let Err(e) = t.steer_to(set) {
+                tracing::error!(
+                    tap = t.name(),
+                    "steering frames back: {}",
+                    crate::error::chain(&e)
+                );
+            }
+            let (sent, dropped) = t.redeliver(set ^ 1);
+            if sent + dropped > 0 {
+                tracing::info!(
+                    tap = t.name(),
+                    sent,
+                    dropped,
+                    "frames the other instance's queues held, delivered again"
+                );
+            }
+        }
+    }
+
     /// Let this instance reconfigure the domain's taps (it is about to run
     /// the guest), or not (another one does). No-op without a guard.
     pub fn set_tap_owner(&self, owner: bool) {
@@ -761,21 +881,45 @@ pub fn read_pidfile(path: &Path) -> io::Result<i32> {
 pub async fn adopt(record: InstanceRecord) -> Result<Instance, InstanceError> {
     let pidfd = Pidfd::adopt(&record.process)?;
     let ram = GuestRam::recover(record.process.pid, record.ram_inode)?;
+    // An older qlive's record has no queue layout: one single-queue tap
+    // per NIC.
+    let layout: Vec<u16> = if record.tap_queues.len() == record.taps.len() {
+        record.tap_queues.clone()
+    } else {
+        vec![0; record.taps.len()]
+    };
+    let domain_dir = record.paths.dir.parent().map(Path::to_path_buf);
+    let set = record.tap_set & 1;
+    let mut queue_fds: Vec<(i32, usize, u16)> = Vec::new();
     let taps = record
         .taps
         .iter()
         .enumerate()
         .map(|(i, name)| {
+            let (own, other) = cmdline::tap_fd_numbers(&layout, i);
+            for (j, &n) in own.iter().enumerate() {
+                queue_fds.push((n, i, j as u16));
+            }
+            // Tap::recover wants set 0 first.
+            let fds: Vec<i32> = if set == 0 {
+                own.iter().chain(other.iter()).copied().collect()
+            } else {
+                other.iter().chain(own.iter()).copied().collect()
+            };
             Tap::recover(
                 &pidfd,
-                FIRST_TAP_FD + i as i32,
+                &fds,
+                layout[i],
                 name,
                 record.tap_offloads.unwrap_or_default(),
+                domain_dir.as_deref().map(|d| tap::steering_file(d, i)),
+                set,
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let taps = Arc::new(taps);
     // The stable sockets' fd numbers follow the console log's, which
-    // follows the taps: one per recorded tap.
+    // follows the taps' first queues: one per recorded tap.
     let nics = record.taps.len();
     let recover = |path: &Option<PathBuf>, fd: i32| {
         path.as_ref()
@@ -801,6 +945,11 @@ pub async fn adopt(record: InstanceRecord) -> Result<Instance, InstanceError> {
                 cmdline::tapguard_fd_for(nics),
                 running,
                 record.tap_offloads.unwrap_or_default(),
+                Some(tapguard::Queues {
+                    taps: taps.clone(),
+                    set,
+                    fds: queue_fds,
+                }),
             )
             .map_err(InstanceError::TapGuard)?,
         ))
@@ -812,7 +961,7 @@ pub async fn adopt(record: InstanceRecord) -> Result<Instance, InstanceError> {
         qmp: Arc::new(qmp),
         pidfd: Arc::new(pidfd),
         ram: Arc::new(ram),
-        taps: Arc::new(taps),
+        taps,
         endpoints: Arc::new(Endpoints { guest_agent, vnc }),
         tap_guard,
         exit_intent: Default::default(),

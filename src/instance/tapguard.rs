@@ -39,6 +39,14 @@ use std::sync::Arc;
 pub const TUNSETVNETHDRSZ: u32 = 0x4004_54d8;
 /// `_IOW('T', 208, unsigned int)`.
 pub const TUNSETOFFLOAD: u32 = 0x4004_54d0;
+/// `_IOW('T', 217, int)`: attach or detach the fd's queue.
+pub const TUNSETQUEUE: u32 = 0x4004_54d9;
+/// `_IOR('T', 224, int)`.
+pub const TUNSETSTEERINGEBPF: u32 = crate::instance::steering::TUNSETSTEERINGEBPF;
+const IFF_ATTACH_QUEUE: i16 = 0x0200;
+const IFF_DETACH_QUEUE: i16 = 0x0400;
+/// `ifr_flags` in `struct ifreq`.
+const IFR_FLAGS_OFFSET: u64 = 16;
 pub const TUN_F_UFO: u64 = 0x10;
 pub const TUN_F_USO4: u64 = 0x20;
 pub const TUN_F_USO6: u64 = 0x40;
@@ -87,7 +95,7 @@ pub enum TapGuardError {
 
 /// The filter program (built before fork: no allocation in the child).
 pub struct Filter {
-    prog: [libc::sock_filter; 9],
+    prog: [libc::sock_filter; 11],
 }
 
 impl Default for Filter {
@@ -101,12 +109,14 @@ impl Filter {
         Filter {
             prog: [
                 stmt(BPF_LD_W_ABS, OFF_ARCH),
-                jeq(AUDIT_ARCH_X86_64, 0, 6), // other arch: allow
+                jeq(AUDIT_ARCH_X86_64, 0, 8), // other arch: allow
                 stmt(BPF_LD_W_ABS, OFF_NR),
-                jeq(libc::SYS_ioctl as u32, 0, 4),
+                jeq(libc::SYS_ioctl as u32, 0, 6),
                 stmt(BPF_LD_W_ABS, OFF_ARG1_LO),
-                jeq(TUNSETVNETHDRSZ, 1, 0),
-                jeq(TUNSETOFFLOAD, 0, 1),
+                jeq(TUNSETVNETHDRSZ, 3, 0),
+                jeq(TUNSETOFFLOAD, 2, 0),
+                jeq(TUNSETQUEUE, 1, 0),
+                jeq(TUNSETSTEERINGEBPF, 0, 1),
                 stmt(BPF_RET_K, SECCOMP_RET_USER_NOTIF),
                 stmt(BPF_RET_K, SECCOMP_RET_ALLOW),
             ],
@@ -176,9 +186,39 @@ pub enum Answer {
     Fake(i32),
 }
 
+/// What an ioctl's argument points to, read from QEMU's memory for the
+/// calls whose argument is a pointer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pointee {
+    /// Not read (the argument is a value).
+    None,
+    /// `ifr_flags` of the `struct ifreq` (`TUNSETQUEUE`).
+    Flags(i16),
+    /// The int (`TUNSETSTEERINGEBPF`: a program fd, -1 to detach).
+    Int(i32),
+    /// Could not be read.
+    Unreadable,
+}
+
 /// The policy, pure: `cmd` and `arg` of an ioctl from an instance that
-/// does or does not own the guest.
-pub fn decide(owner: bool, cmd: u32, arg: u64, offloads: Offloads) -> Answer {
+/// does or does not own the guest, and what `arg` points to.
+///
+/// - The header length and offloads run for the owner only (above).
+/// - `TUNSETQUEUE` never runs: a detach would drop the queue's frames and
+///   renumber the tap's queues under the other instance. The agent
+///   records which queues the QEMU reads and steers frames to them
+///   ([`crate::instance::tap::Tap::set_queue_enabled`]).
+/// - `TUNSETSTEERINGEBPF` never runs: the tap's program is the agent's.
+///   QEMU detaches "its" program (-1) at every device reset and load:
+///   "done". Its own RSS program is refused (`EINVAL`), and QEMU falls
+///   back to its software RSS, which distributes frames itself.
+pub fn decide(owner: bool, cmd: u32, arg: u64, offloads: Offloads, pointee: Pointee) -> Answer {
+    match (cmd, pointee) {
+        (TUNSETQUEUE, _) => return Answer::Fake(0),
+        (TUNSETSTEERINGEBPF, Pointee::Int(-1)) => return Answer::Fake(0),
+        (TUNSETSTEERINGEBPF, _) => return Answer::Fake(libc::EINVAL),
+        _ => {}
+    }
     if owner {
         return Answer::Continue;
     }
@@ -188,6 +228,52 @@ pub fn decide(owner: bool, cmd: u32, arg: u64, offloads: Offloads) -> Answer {
         // Not a call the filter notifies: let the kernel decide.
         _ => Answer::Continue,
     }
+}
+
+/// A `TUNSETQUEUE` call's meaning: `Some(true)` attach, `Some(false)`
+/// detach.
+pub fn queue_change(pointee: Pointee) -> Option<bool> {
+    match pointee {
+        Pointee::Flags(f) if f & IFF_ATTACH_QUEUE != 0 => Some(true),
+        Pointee::Flags(f) if f & IFF_DETACH_QUEUE != 0 => Some(false),
+        _ => None,
+    }
+}
+
+/// The queues an instance reads, for following its `TUNSETQUEUE` calls.
+pub struct Queues {
+    pub taps: Arc<Vec<crate::instance::tap::Tap>>,
+    /// The set of each tap the instance reads.
+    pub set: u8,
+    /// (fd number in QEMU, NIC, queue in the set).
+    pub fds: Vec<(i32, usize, u16)>,
+}
+
+impl Queues {
+    fn changed(&self, fd: i32, enabled: bool) {
+        if let Some(&(_, nic, queue)) = self.fds.iter().find(|(f, _, _)| *f == fd) {
+            if let Some(t) = self.taps.get(nic) {
+                t.set_queue_enabled(self.set, queue, enabled);
+            }
+        }
+    }
+}
+
+/// Read `T` at `addr` in process `pid` (the notifying thread).
+fn read_remote<T: Copy + Default>(pid: u32, addr: u64) -> Option<T> {
+    let mut v = T::default();
+    let local = libc::iovec {
+        iov_base: (&mut v as *mut T).cast(),
+        iov_len: std::mem::size_of::<T>(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: std::mem::size_of::<T>(),
+    };
+    // SAFETY: process_vm_readv writes at most size_of::<T>() bytes into
+    // `v`, a plain integer.
+    let n = unsafe { libc::process_vm_readv(pid as i32, &local, 1, &remote, 1, 0) };
+    (n == std::mem::size_of::<T>() as isize).then_some(v)
 }
 
 /// The agent's side of one instance's filter: a thread answering its
@@ -204,6 +290,7 @@ impl TapGuard {
         listener: OwnedFd,
         owner: bool,
         offloads: Offloads,
+        queues: Option<Queues>,
     ) -> Result<TapGuard, TapGuardError> {
         let g = TapGuard {
             owner: Arc::new(AtomicBool::new(owner)),
@@ -213,7 +300,7 @@ impl TapGuard {
         let (own, stop, answered) = (g.owner.clone(), g.stop.clone(), g.answered.clone());
         std::thread::Builder::new()
             .name("qlive-tapguard".into())
-            .spawn(move || serve(listener, own, stop, answered, offloads))
+            .spawn(move || serve(listener, own, stop, answered, offloads, queues))
             .map_err(TapGuardError::Thread)?;
         Ok(g)
     }
@@ -224,13 +311,14 @@ impl TapGuard {
         fd: i32,
         owner: bool,
         offloads: Offloads,
+        queues: Option<Queues>,
     ) -> Result<TapGuard, TapGuardError> {
         let listener = pidfd.get_fd(fd).map_err(|source| TapGuardError::Recover {
             pid: pidfd.pid(),
             fd,
             source,
         })?;
-        TapGuard::start(listener, owner, offloads)
+        TapGuard::start(listener, owner, offloads, queues)
     }
 
     pub fn set_owner(&self, owner: bool) {
@@ -259,6 +347,7 @@ fn serve(
     stop: Arc<AtomicBool>,
     answered: Arc<std::sync::atomic::AtomicU64>,
     offloads: Offloads,
+    queues: Option<Queues>,
 ) {
     let fd = listener.as_raw_fd();
     while !stop.load(Ordering::SeqCst) {
@@ -291,8 +380,35 @@ fn serve(
         }
         let cmd = req.data.args[1] as u32;
         let arg = req.data.args[2];
+        let pointee = match cmd {
+            TUNSETQUEUE => read_remote::<i16>(req.pid, arg.wrapping_add(IFR_FLAGS_OFFSET))
+                .map_or(Pointee::Unreadable, Pointee::Flags),
+            TUNSETSTEERINGEBPF => {
+                read_remote::<i32>(req.pid, arg).map_or(Pointee::Unreadable, Pointee::Int)
+            }
+            _ => Pointee::None,
+        };
+        if pointee != Pointee::None {
+            // What was read belongs to this call only if the caller still
+            // waits in it (not killed, its memory not another process's).
+            let mut id = req.id;
+            if unsafe { libc::ioctl(fd, libc::SECCOMP_IOCTL_NOTIF_ID_VALID, &mut id) } != 0 {
+                continue;
+            }
+        }
+        if cmd == TUNSETQUEUE {
+            match (queue_change(pointee), &queues) {
+                (Some(enabled), Some(q)) => q.changed(req.data.args[0] as i32, enabled),
+                (None, _) => tracing::warn!(
+                    pid = req.pid,
+                    ?pointee,
+                    "TUNSETQUEUE neither attaches nor detaches"
+                ),
+                _ => {}
+            }
+        }
         let is_owner = owner.load(Ordering::SeqCst);
-        let answer = decide(is_owner, cmd, arg, offloads);
+        let answer = decide(is_owner, cmd, arg, offloads, pointee);
         let mut resp: libc::seccomp_notif_resp = unsafe { std::mem::zeroed() };
         resp.id = req.id;
         match answer {
@@ -327,23 +443,41 @@ mod tests {
             ufo: true,
             uso: false,
         };
-        assert_eq!(decide(true, TUNSETVNETHDRSZ, 0, all), Answer::Continue);
-        assert_eq!(decide(true, TUNSETOFFLOAD, 0x7f, old), Answer::Continue);
-        assert_eq!(decide(false, TUNSETVNETHDRSZ, 0, all), Answer::Fake(0));
-        assert_eq!(decide(false, TUNSETOFFLOAD, 0, old), Answer::Fake(0));
+        let d = |owner, cmd, arg, off| decide(owner, cmd, arg, off, Pointee::None);
+        assert_eq!(d(true, TUNSETVNETHDRSZ, 0, all), Answer::Continue);
+        assert_eq!(d(true, TUNSETOFFLOAD, 0x7f, old), Answer::Continue);
+        assert_eq!(d(false, TUNSETVNETHDRSZ, 0, all), Answer::Fake(0));
+        assert_eq!(d(false, TUNSETOFFLOAD, 0, old), Answer::Fake(0));
         // probes answered as the kernel would
         assert_eq!(
-            decide(false, TUNSETOFFLOAD, 0x1 | TUN_F_UFO, old),
+            d(false, TUNSETOFFLOAD, 0x1 | TUN_F_UFO, old),
             Answer::Fake(0)
         );
         assert_eq!(
-            decide(false, TUNSETOFFLOAD, 0x1 | TUN_F_USO4 | TUN_F_USO6, old),
+            d(false, TUNSETOFFLOAD, 0x1 | TUN_F_USO4 | TUN_F_USO6, old),
             Answer::Fake(libc::EINVAL)
         );
         assert_eq!(
-            decide(false, TUNSETOFFLOAD, 0x1 | TUN_F_USO4, all),
+            d(false, TUNSETOFFLOAD, 0x1 | TUN_F_USO4, all),
             Answer::Fake(0)
         );
+    }
+
+    #[test]
+    fn queues_and_steering_stay_the_agents() {
+        let all = Offloads::default();
+        for owner in [true, false] {
+            let q = |f| decide(owner, TUNSETQUEUE, 0, all, Pointee::Flags(f));
+            assert_eq!(q(IFF_ATTACH_QUEUE), Answer::Fake(0));
+            assert_eq!(q(IFF_DETACH_QUEUE), Answer::Fake(0));
+            let e = |p| decide(owner, TUNSETSTEERINGEBPF, 0, all, p);
+            assert_eq!(e(Pointee::Int(-1)), Answer::Fake(0));
+            assert_eq!(e(Pointee::Int(12)), Answer::Fake(libc::EINVAL));
+            assert_eq!(e(Pointee::Unreadable), Answer::Fake(libc::EINVAL));
+        }
+        assert_eq!(queue_change(Pointee::Flags(IFF_ATTACH_QUEUE)), Some(true));
+        assert_eq!(queue_change(Pointee::Flags(IFF_DETACH_QUEUE)), Some(false));
+        assert_eq!(queue_change(Pointee::Unreadable), None);
     }
 
     /// Run `script` in python3 under a real filter, the guard answering
@@ -365,7 +499,7 @@ mod tests {
         cmd.stdout(std::process::Stdio::piped());
         let child = cmd.spawn().expect("python3");
         let pidfd = crate::instance::process::Pidfd::open(child.id() as i32).expect("pidfd");
-        let g = TapGuard::recover(&pidfd, 20, owner, Offloads::default()).expect("listener");
+        let g = TapGuard::recover(&pidfd, 20, owner, Offloads::default(), None).expect("listener");
         let out = child.wait_with_output().expect("wait");
         (
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -397,5 +531,17 @@ mod tests {
             true,
         );
         assert_eq!(out, "errno 25\n");
+        // Queue and steering calls, owner or not: read from the caller's
+        // memory and answered, never run.
+        let (out, answered) = under_filter(
+            "import fcntl,os,struct\nfd=os.open('/dev/null',os.O_RDONLY)\n\
+             ifr=bytes(16)+struct.pack('h',0x400)+bytes(22)\n\
+             for c,a in ((0x400454d9,ifr),(0x800454e0,struct.pack('i',-1)),(0x800454e0,struct.pack('i',7))):\n\
+             \x20 try:\n    fcntl.ioctl(fd,c,a); print('ok')\n\
+             \x20 except OSError as e: print('errno', e.errno)\n",
+            true,
+        );
+        assert_eq!(out, "ok\nok\nerrno 22\n", "{out}");
+        assert_eq!(answered, 3);
     }
 }

@@ -246,6 +246,10 @@ struct Migration<'h, H: Host> {
     times: PhaseTimes,
 }
 
+/// How long the source gets to read the frames its queues hold once the
+/// taps steer to the destination (normally under a millisecond).
+const DRAIN_TIMEOUT: Duration = Duration::from_millis(250);
+
 fn qmp_err(what: &'static str) -> impl FnOnce(QmpError) -> MigrationError {
     move |source| MigrationError::Qmp { what, source }
 }
@@ -423,6 +427,24 @@ impl<H: Host> Migration<'_, H> {
         let src = self.req.src.clone();
         let mut events = src.qmp.subscribe();
         let uri = format!("unix:{}", dst.record.paths.migrate.display());
+        // The taps' frames go to the destination's queues from here on,
+        // and the source reads what its queues still hold while its guest
+        // runs: when its vCPUs stop there is nothing left for it to take
+        // (a stopped QEMU still reads one frame, and drops it when it
+        // quits). A failure from here gives the traffic back
+        // (`resolve::keep_source`).
+        let t_steer = Instant::now();
+        let drained = attempt!(
+            st,
+            dst.receive_from_now(DRAIN_TIMEOUT)
+                .await
+                .map_err(MigrationError::Steering)
+        );
+        tracing::debug!(
+            drained,
+            steer_us = t_steer.elapsed().as_micros() as u64,
+            "taps steered to the destination"
+        );
         attempt!(
             st,
             src.qmp

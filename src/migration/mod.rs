@@ -87,6 +87,8 @@ pub enum MigrationError {
     },
     #[error("starting the destination QEMU")]
     SpawnDestination(#[source] InstanceError),
+    #[error("steering the taps' frames to the destination")]
+    Steering(#[source] InstanceError),
     #[error("the destination opened other disks than the source")]
     DisksDiffer(#[source] devices::DiskMismatch),
     #[error("the domain's incoming slot is taken")]

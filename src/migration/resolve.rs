@@ -56,6 +56,9 @@ pub async fn keep_source<H: Host>(
         instance::kill_unrecorded(name, &p.dir).await;
         instance::cleanup_paths(p);
     }
+    // Nobody else reads the taps now: their frames go to the source
+    // again, with what the destination's queues held.
+    src.take_traffic();
     if let Some(env) = &dst.hooks {
         hooks::release(host.hooks_dir(), env).await;
     }
@@ -114,6 +117,9 @@ pub async fn switch_to_destination<H: Host>(
             Source::Held(s) => s.kill(why.clone(), KILL_WAIT).await,
             Source::Gone(rec) => instance::cleanup_paths(&rec.paths),
         }
+        // The source is dead: frames to the destination, with what the
+        // source's queues still held.
+        dst.take_traffic();
         match dst.qmp.status().await {
             Ok((true, _)) => {}
             Ok((false, status)) => {
@@ -162,6 +168,9 @@ pub async fn switch_to_destination<H: Host>(
         }
         Source::Gone(rec) => instance::cleanup_paths(&rec.paths),
     }
+    // Normally empty: the source's queues drained before `migrate`; a
+    // frame a guest that stopped reading left there goes to the new one.
+    dst.take_traffic();
     true
 }
 
