@@ -76,6 +76,8 @@ fn kv(line: &str, key: &str) -> u64 {
 /// numbered; counts how often each came back.
 struct Pinger {
     stop: Arc<AtomicBool>,
+    /// While set, nothing is sent (and no catching up afterwards).
+    hold: Arc<AtomicBool>,
     handle: std::thread::JoinHandle<PingStats>,
     sent: Arc<std::sync::atomic::AtomicU64>,
     first_echo: Arc<std::sync::atomic::AtomicU64>,
@@ -94,6 +96,8 @@ impl Pinger {
     fn start(rig: &Rig, host: &'static str, guest: &'static str, flows: usize) -> Pinger {
         let ns = rig.netns().try_clone().expect("dup netns fd");
         let stop = Arc::new(AtomicBool::new(false));
+        let hold = Arc::new(AtomicBool::new(false));
+        let hold2 = hold.clone();
         let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let first_echo = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
         let (stop2, sent2, first2) = (stop.clone(), sent.clone(), first_echo.clone());
@@ -112,7 +116,7 @@ impl Pinger {
             let mut buf = [0u8; 64];
             let mut last_echo: Option<Instant> = None;
             let mut max_gap = Duration::ZERO;
-            let t0 = Instant::now();
+            let mut t0 = Instant::now();
             let mut stopped_at: Option<Instant> = None;
             loop {
                 if stopped_at.is_none() && stop2.load(Ordering::Relaxed) {
@@ -120,6 +124,12 @@ impl Pinger {
                 }
                 if stopped_at.is_some_and(|t| t.elapsed() > Duration::from_millis(500)) {
                     break;
+                }
+                if hold2.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(1));
+                    t0 = Instant::now() - Duration::from_millis(seq);
+                    last_echo = None;
+                    continue;
                 }
                 if stopped_at.is_none() {
                     let mut pkt = [0u8; 32];
@@ -162,6 +172,7 @@ impl Pinger {
         });
         Pinger {
             stop,
+            hold,
             handle,
             sent,
             first_echo,
@@ -177,6 +188,10 @@ impl Pinger {
         }
         // Count from a datagram sent after echoing started.
         self.sent.load(Ordering::Relaxed) + 1
+    }
+
+    fn hold(&self, on: bool) {
+        self.hold.store(on, Ordering::Relaxed);
     }
 
     fn finish(self) -> PingStats {
@@ -659,4 +674,107 @@ fn a_tap_in_use_fails_the_start_cleanly() {
     rig.ok(&["destroy", "a"]);
     // The persistent tap outlives the domain.
     rig.in_netns("ip", &["link", "show", "busy0"]);
+}
+
+/// The agent SIGKILLed while the source is stopped and the destination
+/// has the guest's state but never ran (`perform:after`): the datagrams
+/// that arrived meanwhile wait in the destination's queues. Then either
+/// the destination dies too, and recovery keeps the source and sends them
+/// to it through the tap (all but the one the destination's QEMU had
+/// read), or it survives and recovery resumes it (nothing lost).
+#[test]
+fn frames_waiting_for_a_destination_reach_whichever_instance_recovery_keeps() {
+    for destination_dies in [true, false] {
+        recovery_keeps_the_frames(destination_dies);
+    }
+}
+
+fn recovery_keeps_the_frames(destination_dies: bool) {
+    let mut rig = Rig::new_netns();
+    rig.in_netns("ip", &["link", "set", "lo", "up"]);
+    rig.in_netns("ip", &["link", "add", "br0", "type", "bridge"]);
+    rig.in_netns(
+        "ip",
+        &["addr", "add", &format!("{HOST_IP}/24"), "dev", "br0"],
+    );
+    rig.in_netns("ip", &["link", "set", "br0", "up"]);
+    rig.kill_agent();
+    rig.start_agent_with(&[("QLIVE_TEST_PAUSE_AT", "perform:after")]);
+    rig.define_guest(
+        "rf",
+        256,
+        json!({
+            "cmdline": cmdline(&format!(
+                "qlive.net=1 qlive.ip={GUEST_IP}/24 qlive.udp_port={UDP_PORT}"
+            )),
+            "nics": [{"bridge": "br0"}],
+        }),
+    );
+    rig.ok(&["start", "rf"]);
+    wait_console(&rig, "rf", "NET UP", Duration::from_secs(60));
+    let src_pid = rig.info("rf")["pid"].as_i64().expect("pid");
+    let pinger = Pinger::start(&rig, HOST_IP, GUEST_IP, 1);
+    let first = pinger.wait_echoing(Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(300));
+    let mig = rig.migrate_bg("rf", &[]);
+    rig.wait_test_paused("rf", Duration::from_secs(30));
+    // The source is stopped: 200 datagrams go to the destination's queue.
+    std::thread::sleep(Duration::from_millis(200));
+    pinger.hold(true);
+    let job: Value =
+        serde_json::from_slice(&std::fs::read(rig.run.join("domains/rf/job.json")).expect("job"))
+            .expect("job json");
+    let dst_pid = job["dst"]["process"]["pid"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("destination pid in {job}"));
+    rig.kill_agent();
+    let _ = mig.join();
+    if destination_dies {
+        // SAFETY: kill(2) of the test's own destination QEMU.
+        unsafe { libc::kill(dst_pid as i32, libc::SIGKILL) };
+        let t0 = Instant::now();
+        while Path::new(&format!("/proc/{dst_pid}")).exists() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "destination alive");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    rig.start_agent();
+    let info = rig.info("rf");
+    assert_eq!(info["state"], "running", "{info}");
+    let kept = if destination_dies { src_pid } else { dst_pid };
+    assert_eq!(info["pid"].as_i64(), Some(kept), "{info}");
+    pinger.hold(false);
+    std::thread::sleep(Duration::from_millis(1000));
+    let stats = pinger.finish();
+    let last = stats.sent.saturating_sub(1);
+    let lost: Vec<u64> = (first..=last)
+        .filter(|k| !stats.echoes.contains_key(k))
+        .collect();
+    let dup: u32 = stats.echoes.values().map(|n| n.saturating_sub(1)).sum();
+    let log = rig.agent_log_text();
+    let resent = log
+        .lines()
+        .find(|l| l.contains("delivered again"))
+        .unwrap_or("")
+        .to_string();
+    eprintln!(
+        "RECOVERYNET destination_dies={destination_dies} sent={} lost={} {lost:?} duplicated={dup} resent: {resent}",
+        last + 1 - first,
+        lost.len()
+    );
+    assert_eq!(dup, 0, "duplicated echoes");
+    if destination_dies {
+        // Only the frame the destination's QEMU read early (it held it for
+        // its `cont`) died with it; without the re-send, about 200.
+        assert!(lost.len() <= 1, "lost {lost:?}; {resent}");
+        assert!(
+            !resent.is_empty(),
+            "no frames sent again: {}",
+            tail(&log, 20)
+        );
+    } else {
+        assert!(lost.is_empty(), "lost {lost:?}");
+    }
+    rig.ok(&["destroy", "rf"]);
+    assert_eq!(rig.qemu_pids().len(), 0);
 }
