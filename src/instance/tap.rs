@@ -1,26 +1,32 @@
 //! Tap devices for the domain's NICs, opened and owned by the agent.
 //!
-//! Like the guest-RAM memfd, each tap fd is created once per domain run and
-//! handed to every QEMU instance at a fixed fd number (`-netdev
-//! tap,fd=N`). The device is therefore never closed or recreated during a
-//! migration: frames that arrive while both QEMUs are paused wait in the
-//! tap's queue (its txqueuelen) and the new instance reads them.
+//! Like the guest-RAM memfd, each tap is opened once per domain run and
+//! handed to every QEMU instance at fixed fd numbers
+//! (`cmdline::tap_fd_numbers`). The device is therefore never closed or
+//! recreated during a migration.
+//!
+//! A tap is multi-queue (`IFF_MULTI_QUEUE`) with two sets of queues, one
+//! per QEMU of a migration ([`Tap`]); the agent's steering program
+//! (`instance::steering`) hands frames to the running instance's set,
+//! and to the destination's from right before `migrate`, once the
+//! source's queues are drained: a stopping QEMU finds no frame to take.
 //!
 //! The tap is opened with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`: QEMU
 //! finds the flag on the fd and uses a vnet header, so the guest gets
 //! checksum offload, TSO and UFO/USO between host and guest. The header
 //! length and the offloads are properties of the *device*, shared by
 //! every instance; which instance may change them is the tap guard's
-//! business (`instance::tapguard`). Before any QEMU runs, the agent asks
-//! the kernel which offloads it accepts ([`TapOffloads`], the answers the
-//! guard gives a destination's probes) and leaves none on. A name that
-//! does not exist is created (and goes away when the last fd closes, i.e.
-//! when the domain stops); a persistent tap an admin created is attached
-//! as is.
+//! business (`instance::tapguard`), which also answers QEMU's queue and
+//! steering ioctls. Before any QEMU runs, the agent asks the kernel which
+//! offloads it accepts ([`TapOffloads`], the answers the guard gives a
+//! destination's probes) and leaves none on. A name that does not exist
+//! is created (and goes away when the last fd closes, i.e. when the
+//! domain stops); a persistent tap an admin created must be multi-queue
+//! and free, and is attached as is.
 //!
-//! After an agent restart the fd is taken back from the running QEMU with
-//! `pidfd_getfd` (opening `/proc/PID/fd/N` would open `/dev/net/tun` anew,
-//! not the attached queue) and its interface name checked.
+//! After an agent restart the queues are taken back from the running QEMU
+//! with `pidfd_getfd` (opening `/proc/PID/fd/N` would open `/dev/net/tun`
+//! anew, not the attached queue) and their interface name checked.
 
 use crate::instance::process::Pidfd;
 use crate::instance::steering::{self, SteeringError};
@@ -30,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// The fd number of the first NIC's tap inside every QEMU instance (guest
-/// RAM is 3); NIC `i` is at `FIRST_TAP_FD + i`.
+/// RAM is 3); NIC `i`'s first queue is at `FIRST_TAP_FD + i`.
 pub const FIRST_TAP_FD: i32 = 4;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
