@@ -286,8 +286,9 @@ pub struct Nic {
     pub queues: Option<u16>,
 }
 
-/// The most queue pairs a NIC may have.
-pub const MAX_QUEUES: u16 = crate::instance::tap::MAX_QUEUES;
+/// The most queue pairs a NIC may have (its tap holds twice as many
+/// queues, crate::instance::tap).
+pub const MAX_QUEUES: u16 = 8;
 
 impl Nic {
     /// Queue pairs (1 unless set).

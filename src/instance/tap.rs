@@ -135,7 +135,7 @@ pub type TapOffloads = crate::instance::tapguard::Offloads;
 
 /// The most queues a NIC may have (per instance; the tap has twice as
 /// many, see [`Tap`]).
-pub const MAX_QUEUES: u16 = 8;
+pub const MAX_QUEUES: u16 = crate::domain::definition::MAX_QUEUES;
 
 /// Which queues the kernel hands frames to, and which each instance's
 /// QEMU reads (what it enabled through `TUNSETQUEUE`, which the tap guard
