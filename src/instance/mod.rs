@@ -453,7 +453,7 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
     let tap_filter = (!spec.taps.is_empty()).then(tapguard::Filter::new);
     let guarded = tap_filter.is_some();
     let guard_queues = tapguard::Queues {
-        taps: spec.taps.clone(),
+        taps: Arc::downgrade(&spec.taps),
         set: spec.tap_set,
         fds: queue_fds,
     };
@@ -946,7 +946,7 @@ pub async fn adopt(record: InstanceRecord) -> Result<Instance, InstanceError> {
                 running,
                 record.tap_offloads.unwrap_or_default(),
                 Some(tapguard::Queues {
-                    taps: taps.clone(),
+                    taps: Arc::downgrade(&taps),
                     set,
                     fds: queue_fds,
                 }),

@@ -242,7 +242,10 @@ pub fn queue_change(pointee: Pointee) -> Option<bool> {
 
 /// The queues an instance reads, for following its `TUNSETQUEUE` calls.
 pub struct Queues {
-    pub taps: Arc<Vec<crate::instance::tap::Tap>>,
+    /// Weak: the taps close when the domain's last instance is dropped,
+    /// not when this thread notices its QEMU is gone (a `start` right
+    /// after a `destroy` would find the tap in use).
+    pub taps: std::sync::Weak<Vec<crate::instance::tap::Tap>>,
     /// The set of each tap the instance reads.
     pub set: u8,
     /// (fd number in QEMU, NIC, queue in the set).
@@ -252,7 +255,7 @@ pub struct Queues {
 impl Queues {
     fn changed(&self, fd: i32, enabled: bool) {
         if let Some(&(_, nic, queue)) = self.fds.iter().find(|(f, _, _)| *f == fd) {
-            if let Some(t) = self.taps.get(nic) {
+            if let Some(t) = self.taps.upgrade().as_ref().and_then(|t| t.get(nic)) {
                 t.set_queue_enabled(self.set, queue, enabled);
             }
         }

@@ -73,7 +73,8 @@ step "man qlive-upgrade: $page; bash completion loads"
 cat >"$S/vm.json" <<JSON
 {"name": "vm", "emulator": "/usr/bin/qemu-system-x86_64", "accel": "tcg", "memory_mib": 256,
  "kernel": "$GUEST/vmlinux", "initrd": "$GUEST/initrd.img",
- "cmdline": "console=ttyS0 quiet panic=-1 no_timer_check qlive.pattern_mib=16"}
+ "cmdline": "console=ttyS0 quiet panic=-1 no_timer_check qlive.pattern_mib=16",
+ "nics": [{}]}
 JSON
 "${NS[@]}" qlive define "$S/vm.json" >/dev/null
 "${NS[@]}" qlive start vm >/dev/null
@@ -89,7 +90,12 @@ wait_hb_past 100
 pid1=$(info pid)
 quser=$("${NS[@]}" ps -o user= -p "$pid1" | tr -d ' ')
 [ "$quser" = qlive-qemu ] || fail "QEMU runs as $quser, want qlive-qemu"
-step "guest running on QEMU $(info qemu_version), pid $pid1, heartbeat $(hb)"
+# The NIC's tap: multi-queue, steered by the agent's program (CAP_BPF and
+# AF_PACKET under the unit's sandbox), set 0 receiving.
+steering() { "${NS[@]}" cat /run/qlive/domains/vm/nic0.steering; }
+grep -q '"set":0' <<<"$(steering)" || fail "nic0.steering at boot: $(steering)"
+"${NS[@]}" ip -d link show | grep -q "multi_queue" || fail "no multi-queue tap: $("${NS[@]}" ip -d link show)"
+step "guest running on QEMU $(info qemu_version), pid $pid1, heartbeat $(hb), tap steered to set 0"
 
 # The metrics file for node_exporter's textfile collector: the service is
 # skipped until its directory exists (ConditionPathIsDirectory=), then
@@ -166,6 +172,8 @@ res=$("${NS[@]}" systemctl show -p Result --value qlive-upgrade.service)
 [ "$res" = success ] || fail "qlive-upgrade.service result $res"
 output_has '"summary":{' "${NS[@]}" journalctl -u qlive-upgrade.service --no-pager || fail "no JSON summary in the journal"
 [ "$(info pid)" != "$pid1" ] || fail "guest pid unchanged after upgrade"
+# The migration steered the tap to the destination's queues.
+grep -q '"set":1' <<<"$(steering)" || fail "nic0.steering after the upgrade: $(steering)"
 # The binary, its modules and libraries are the new ones now. The firmware
 # (SeaBIOS, the option ROMs of qemu-system-data) came with the migration
 # from the old QEMU: the guest runs it until a cold restart, so the domain
