@@ -123,7 +123,7 @@ async fn adopt_domain(agent: &Arc<Agent>, dom: &Arc<Domain>) -> Adopted {
     let domid = rec.domid;
     let pid = rec.process.pid;
     let paths = rec.paths.clone();
-    match instance::adopt(rec.clone()).await {
+    match instance::adopt(rec.clone(), true).await {
         Ok(inst) => {
             let inst = Arc::new(inst);
             // Killed between recording the instance and `cont` in start:

@@ -878,7 +878,9 @@ pub fn read_pidfile(path: &Path) -> io::Result<i32> {
 
 /// Re-adopt an instance recorded before an agent restart: the pidfd is
 /// opened first and the start time checked, so a reused pid is rejected.
-pub async fn adopt(record: InstanceRecord) -> Result<Instance, InstanceError> {
+/// `owner`: whether it ran the guest when the agent stopped, as far as the
+/// caller knows (see the tap guard below).
+pub async fn adopt(record: InstanceRecord, owner: bool) -> Result<Instance, InstanceError> {
     let pidfd = Pidfd::adopt(&record.process)?;
     let ram = GuestRam::recover(record.process.pid, record.ram_inode)?;
     // An older qlive's record has no queue layout: one single-queue tap
@@ -928,22 +930,20 @@ pub async fn adopt(record: InstanceRecord) -> Result<Instance, InstanceError> {
     };
     let guest_agent = recover(&record.guest_agent, cmdline::guest_agent_fd_for(nics))?;
     let vnc = recover(&record.vnc, cmdline::vnc_fd_for(nics))?;
-    let qmp = Qmp::connect(&record.paths.qmp)
-        .await
-        .map_err(|source| InstanceError::Qmp {
-            domid: record.domid,
-            source,
-        })?;
-    // The guard's listener first answers for the instance whose vCPUs
-    // run; a stopped one (a migration's destination or stopped source)
-    // becomes the owner when it is resumed (`set_tap_owner`).
+    // The guard's listener is served before QMP is connected: a QEMU that
+    // issued a guarded ioctl while no agent ran (a destination loading the
+    // device's state) waits in it with its main loop, and would never
+    // greet on QMP. It answers for `owner` (the caller's guess: the
+    // instance that ran the guest when the agent stopped) until the
+    // vCPUs' state is known; then the instance whose vCPUs run owns the
+    // taps, and a stopped one (a migration's destination or stopped
+    // source) becomes the owner when it is resumed (`set_tap_owner`).
     let tap_guard = if record.tap_guard {
-        let running = matches!(qmp.status().await, Ok((true, _)));
         Some(Arc::new(
             tapguard::TapGuard::recover(
                 &pidfd,
                 cmdline::tapguard_fd_for(nics),
-                running,
+                owner,
                 record.tap_offloads.unwrap_or_default(),
                 Some(tapguard::Queues {
                     taps: Arc::downgrade(&taps),
@@ -956,6 +956,15 @@ pub async fn adopt(record: InstanceRecord) -> Result<Instance, InstanceError> {
     } else {
         None
     };
+    let qmp = Qmp::connect(&record.paths.qmp)
+        .await
+        .map_err(|source| InstanceError::Qmp {
+            domid: record.domid,
+            source,
+        })?;
+    if let Some(g) = &tap_guard {
+        g.set_owner(matches!(qmp.status().await, Ok((true, _))));
+    }
     Ok(Instance {
         record,
         qmp: Arc::new(qmp),

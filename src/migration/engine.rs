@@ -893,8 +893,8 @@ pub enum Recovered {
 
 /// Adopt an instance from a record: `Ok(None)` if it is gone (or its pid
 /// is another process now), `Err` if it is alive but cannot be adopted.
-async fn try_adopt(rec: &InstanceRecord) -> Result<Option<Arc<Instance>>, String> {
-    match instance::adopt(rec.clone()).await {
+async fn try_adopt(rec: &InstanceRecord, owner: bool) -> Result<Option<Arc<Instance>>, String> {
+    match instance::adopt(rec.clone(), owner).await {
         Ok(i) => Ok(Some(Arc::new(i))),
         Err(InstanceError::Process(ProcessError::Gone { .. } | ProcessError::Reused { .. })) => {
             Ok(None)
@@ -964,9 +964,12 @@ pub async fn recover<H: Host>(host: &H, job: JobFile) -> Recovered {
         reason: format!("interrupted migration (phase {phase}) not recovered: {why}"),
     };
     let adopted = async {
-        let src = try_adopt(parts.src).await?;
+        // Until their vCPUs' state is read, the source answers its tap
+        // ioctls as the owner, the destination (which may be loading the
+        // device's state) as not.
+        let src = try_adopt(parts.src, true).await?;
         let dst = match parts.dst {
-            Some(r) => try_adopt(r).await?,
+            Some(r) => try_adopt(r, false).await?,
             None => None,
         };
         Ok::<_, String>((src, dst))
