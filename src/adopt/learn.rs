@@ -1250,7 +1250,15 @@ fn assemble(l: &mut Learner<'_>, c: &Cmdline, q: &QmpView, name: &str) -> Option
     let mut seen_net = None::<String>;
     let anon: Vec<&QomDevice> = q.devices.iter().filter(|d| d.id.is_none()).collect();
     let mut anon_i = 0;
-    let mut expected_slot = if q35 { 1 } else { 2 };
+    // qlive's command line: every disk, then every NIC, each in the next
+    // free slot after the chipset's.
+    let first_slot: i64 = if q35 { 1 } else { 2 };
+    let n_disks = c
+        .devices
+        .iter()
+        .filter(|d| matches!(d.kind, DevKind::Blk { .. }))
+        .count() as i64;
+    let (mut disk_i, mut nic_i) = (0i64, 0i64);
     let mut used_drives: Vec<&str> = Vec::new();
     for dev in &c.devices {
         let qom = match &dev.id {
@@ -1278,6 +1286,16 @@ fn assemble(l: &mut Learner<'_>, c: &Cmdline, q: &QmpView, name: &str) -> Option
         }
         let _ = dev.order;
         // The PCI slot qlive's command line would give it.
+        let expected_slot = match dev.kind {
+            DevKind::Blk { .. } => {
+                disk_i += 1;
+                first_slot + disk_i - 1
+            }
+            DevKind::Net { .. } => {
+                nic_i += 1;
+                first_slot + n_disks + nic_i - 1
+            }
+        };
         match qom.addr {
             Some(a) if a == expected_slot << 3 => {}
             Some(a) => l.refuse(
@@ -1290,7 +1308,6 @@ fn assemble(l: &mut Learner<'_>, c: &Cmdline, q: &QmpView, name: &str) -> Option
             ),
             None => l.refuse(dev.shown.clone(), "QEMU reports no PCI address for it"),
         }
-        expected_slot += 1;
         match &dev.kind {
             DevKind::Blk {
                 backend,
@@ -1322,7 +1339,7 @@ fn assemble(l: &mut Learner<'_>, c: &Cmdline, q: &QmpView, name: &str) -> Option
                     disk_facts.push(DiskFacts {
                         device: qom.path.clone(),
                         backend: backend.clone(),
-                        pci_slot: expected_slot - 1,
+                        pci_slot: expected_slot,
                     });
                 }
             }
@@ -1403,7 +1420,7 @@ fn assemble(l: &mut Learner<'_>, c: &Cmdline, q: &QmpView, name: &str) -> Option
                     netdev: netdev.clone(),
                     tap: name,
                     source,
-                    pci_slot: expected_slot - 1,
+                    pci_slot: expected_slot,
                 });
             }
         }
@@ -1456,7 +1473,9 @@ fn assemble(l: &mut Learner<'_>, c: &Cmdline, q: &QmpView, name: &str) -> Option
             && chipset
                 .iter()
                 .any(|&(s, fun, v, d)| (s, fun, v, d) == (f.slot, f.function, f.vendor, f.device));
-        let ours = f.bus == 0 && f.function == 0 && (first..expected_slot).contains(&f.slot);
+        let ours = f.bus == 0
+            && f.function == 0
+            && (first..first + c.devices.len() as i64).contains(&f.slot);
         if !is_chipset && !ours {
             l.refuse(
                 format!(
@@ -1581,4 +1600,242 @@ fn assemble(l: &mut Learner<'_>, c: &Cmdline, q: &QmpView, name: &str) -> Option
             notes: std::mem::take(&mut l.notes),
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SOCK: &str = "/run/vm/qmp.sock";
+
+    fn argv(s: &str) -> Vec<String> {
+        // Test command lines: space-separated, `~` stands for a space
+        // inside one argument.
+        s.split_whitespace().map(|a| a.replace('~', " ")).collect()
+    }
+
+    fn plain() -> String {
+        format!(
+            "-accel tcg -machine q35 -m 256 -smp 1 -kernel /g/vmlinux -initrd /g/initrd.img \
+             -append console=ttyS0~quiet -nographic -nodefaults -serial file:/g/console.log \
+             -qmp unix:{SOCK},server=on,wait=off \
+             -drive file=/g/disk,,0.qcow2,format=qcow2,if=none,id=d0 -device virtio-blk-pci,drive=d0 \
+             -netdev tap,id=n0,ifname=tap0,script=no,downscript=no \
+             -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,romfile="
+        )
+    }
+
+    fn proc_(args: &str) -> ProcView {
+        ProcView {
+            pid: 42,
+            exe: "/usr/bin/qemu-system-x86_64".into(),
+            argv: argv(args),
+            cwd: Some("/".into()),
+            taps: [(8, "tap0".to_string())].into(),
+            user_config: vec![],
+        }
+    }
+
+    fn dev(n: usize, ty: &str, slot: i64) -> QomDevice {
+        let mut props = BTreeMap::new();
+        if ty == "virtio-net-pci" {
+            props.insert("mac".to_string(), json!("52:54:00:12:34:56"));
+            props.insert("romfile".to_string(), json!(""));
+        }
+        QomDevice {
+            path: format!("/machine/peripheral-anon/device[{n}]"),
+            id: None,
+            type_name: ty.into(),
+            addr: Some(slot << 3),
+            props,
+        }
+    }
+
+    fn pci(slot: i64, function: i64, vendor: i64, device: i64) -> PciFunction {
+        PciFunction {
+            bus: 0,
+            slot,
+            function,
+            vendor,
+            device,
+            desc: "x".into(),
+            rom: false,
+        }
+    }
+
+    /// What QEMU 7.2 answers for [`plain`] (recorded from a real one).
+    fn view() -> QmpView {
+        let mut pcis: Vec<PciFunction> = Q35_CHIPSET
+            .iter()
+            .map(|&(s, f, v, d)| pci(s, f, v, d))
+            .collect();
+        pcis.push(pci(1, 0, 0x1af4, 0x1001));
+        pcis.push(pci(2, 0, 0x1af4, 0x1000));
+        QmpView {
+            version: "7.2.22".into(),
+            package: "Debian 1:7.2+dfsg-7+deb12u18+b3".into(),
+            machine_type: "pc-q35-7.2-machine".into(),
+            status: "running".into(),
+            kvm_enabled: false,
+            cpus: vec![[Some(0), None, None, Some(0), Some(0)]],
+            memdevs: vec![("pc.ram".into(), 256 << 20, false)],
+            objects: vec![("pc.ram".into(), "memory-backend-ram".into())],
+            devices: vec![dev(0, "virtio-blk-pci", 1), dev(1, "virtio-net-pci", 2)],
+            blocks: vec![BlockView {
+                device: "d0".into(),
+                qdev: Some("/machine/peripheral-anon/device[0]/virtio-backend".into()),
+                node_name: Some("#block133".into()),
+                file: Some("/g/disk,0.qcow2".into()),
+                drv: Some("qcow2".into()),
+                ro: false,
+                direct: false,
+            }],
+            pci: pcis,
+            chardevs: vec![
+                ("compat_monitor0".into(), format!("unix:{SOCK},server=on")),
+                ("serial0".into(), "file".into()),
+            ],
+            display: "none".into(),
+        }
+    }
+
+    fn refusals(args: &str, q: &QmpView) -> String {
+        let e = learn("vm1", &proc_(args), q, Path::new(SOCK)).unwrap_err();
+        super::super::refusal_message(&e)
+    }
+
+    #[test]
+    fn a_plain_command_line_is_learned_with_the_machine_pinned() {
+        let l = learn("vm1", &proc_(&plain()), &view(), Path::new(SOCK)).unwrap();
+        let d = &l.definition;
+        assert_eq!(d.machine, "pc-q35-7.2");
+        assert_eq!(d.memory_mib, 256);
+        assert_eq!(d.vcpus, 1);
+        assert_eq!(d.cmdline.as_deref(), Some("console=ttyS0 quiet"));
+        // `,,` in the image path is one comma
+        assert_eq!(d.disks[0].path, Path::new("/g/disk,0.qcow2"));
+        assert_eq!(d.nics[0].mac(), "52:54:00:12:34:56");
+        assert_eq!(d.nics[0].tap(), "tap0");
+        assert_eq!(l.facts.ram.block, "pc.ram");
+        assert!(!l.facts.ram.shared);
+        assert_eq!(l.facts.nics[0].source, TapSource::Ifname { fd: 8 });
+        assert!(d.uuid.is_none() && l.facts.notes.iter().any(|n| n.contains("-uuid")));
+    }
+
+    #[test]
+    fn everything_not_understood_is_refused_at_once() {
+        let args = format!(
+            "{} -device usb-tablet -netdev user,id=n1 -chardev socket,id=mon1,path=/tmp/m,server=on \
+             -mon chardev=mon1,mode=control -frobnicate 3 -rtc base=localtime",
+            plain()
+        );
+        let e = refusals(&args, &view());
+        for want in [
+            "-device usb-tablet (device not in qlive's definition format)",
+            "-netdev user (only tap backends)",
+            "-chardev socket,id=mon1",
+            "a second monitor",
+            "-frobnicate 3 (an option qlive does not know)",
+            "-rtc base=localtime",
+        ] {
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        // QOM and PCI that no option explains are refused too
+        let mut q = view();
+        q.devices.push(QomDevice {
+            path: "/machine/peripheral/rng0".into(),
+            id: Some("rng0".into()),
+            type_name: "virtio-rng-pci".into(),
+            addr: Some(3 << 3),
+            props: BTreeMap::new(),
+        });
+        q.pci.push(pci(3, 0, 0x1af4, 0x1005));
+        let e = refusals(&plain(), &q);
+        assert!(
+            e.contains("device /machine/peripheral/rng0 (virtio-rng-pci)"),
+            "{e}"
+        );
+        assert!(e.contains("PCI 00:03.0"), "{e}");
+    }
+
+    #[test]
+    fn a_nic_before_a_disk_is_refused_for_its_pci_address() {
+        let args = plain()
+            .replace(" -device virtio-blk-pci,drive=d0", "")
+            .replace("romfile=", "romfile= -device virtio-blk-pci,drive=d0");
+        let mut q = view();
+        q.devices = vec![dev(0, "virtio-net-pci", 1), dev(1, "virtio-blk-pci", 2)];
+        let e = refusals(&args, &q);
+        assert!(
+            e.contains("qlive places every disk before every NIC"),
+            "{e}"
+        );
+        assert!(
+            e.contains("at PCI 00:01.0, where qlive would place it at 00:02.0"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn defaults_roms_and_hardware_the_format_lacks_are_refused() {
+        let e = refusals(&plain().replace("-nodefaults", ""), &view());
+        assert!(e.contains("no -nodefaults"), "{e}");
+        let e = refusals(&plain().replace(",romfile=", ""), &view());
+        assert!(e.contains("option ROM"), "{e}");
+        let e = refusals(
+            &plain().replace("downscript=no", "downscript=/etc/down"),
+            &view(),
+        );
+        assert!(e.contains("downscript"), "{e}");
+        let e = refusals(&plain().replace("-smp 1", "-smp 1,maxcpus=4"), &view());
+        assert!(e.contains("CPU hotplug"), "{e}");
+        let mut q = view();
+        q.machine_type = "microvm-machine".into();
+        assert!(refusals(&plain(), &q).contains("machine microvm"));
+        // the disk QEMU has open is not the one on the command line
+        let mut q = view();
+        q.blocks[0].file = Some("/other.qcow2".into());
+        assert!(refusals(&plain(), &q).contains("not what the command line says"));
+        // a positional image
+        let e = refusals(&format!("{} /g/hd.img", plain()), &view());
+        assert!(e.contains("a bare image path"), "{e}");
+    }
+
+    #[test]
+    fn a_memory_backend_names_the_ram_block() {
+        let args = plain().replace(
+            "-machine q35 -m 256",
+            "-machine q35,memory-backend=mem0 -m 256 -object memory-backend-file,id=mem0,size=256M,mem-path=/dev/shm/g,share=on",
+        );
+        let mut q = view();
+        q.memdevs = vec![("mem0".into(), 256 << 20, true)];
+        q.objects = vec![("mem0".into(), "memory-backend-file".into())];
+        let l = learn("vm1", &proc_(&args), &q, Path::new(SOCK)).unwrap();
+        assert_eq!(l.facts.ram.block, "mem0");
+        assert!(l.facts.ram.shared && l.facts.ram.file_backed);
+    }
+
+    #[test]
+    fn a_given_definition_is_checked_field_by_field() {
+        let l = learn("vm1", &proc_(&plain()), &view(), Path::new(SOCK)).unwrap();
+        assert!(super::super::check_definition(&l.definition, &l.definition).is_empty());
+        let given = Definition::from_value(&json!({
+            "name": "vm1", "emulator": "/usr/bin/qemu-system-x86_64", "machine": "q35",
+            "memory_mib": 512, "kernel": "/g/vmlinux", "initrd": "/g/initrd.img",
+            "cmdline": "console=ttyS0 quiet",
+            "disks": [{"path": "/g/disk,0.qcow2", "format": "raw"}],
+            "nics": [{"mac": "52:54:00:12:34:99", "tap": "tap0"}],
+        }))
+        .unwrap();
+        let m = super::super::check_definition(&given, &l.definition).join("\n");
+        for want in [
+            "machine: the definition says q35 (an alias",
+            "memory_mib: the definition says 512, the guest has 256",
+            "disks[0].format: the definition says raw, the guest has qcow2",
+            "nics[0].mac: the definition says 52:54:00:12:34:99, the guest has 52:54:00:12:34:56",
+        ] {
+            assert!(m.contains(want), "{want}: {m}");
+        }
+        assert_eq!(m.lines().count(), 4, "{m}");
+    }
 }

@@ -434,6 +434,7 @@ mod tests {
             "--m",
             "256",
             "-nographic",
+            "disk.img",
             "-device",
             "virtio-blk-pci,drive=d0",
             "-device",
@@ -441,7 +442,6 @@ mod tests {
             "-frobnicate",
             "x",
             "-enable-frob",
-            "disk.img",
             "-kernel",
         ]));
         let names: Vec<&str> = opts.iter().map(|o| o.name.as_str()).collect();
@@ -467,7 +467,7 @@ mod tests {
             problems,
             [
                 SplitProblem::Positional {
-                    at: 13,
+                    at: 6,
                     arg: "disk.img".into()
                 },
                 SplitProblem::MissingArg {
