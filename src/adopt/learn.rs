@@ -142,8 +142,6 @@ const HOST_ONLY: &[&str] = &[
 #[derive(Debug, Clone)]
 struct DevSpec {
     kind: DevKind,
-    /// Index among the user's devices on the command line, in argv order.
-    order: usize,
     id: Option<String>,
     shown: String,
 }
@@ -341,7 +339,6 @@ fn read_cmdline(l: &mut Learner<'_>) -> Cmdline {
         }
     }
     let mut c = Cmdline::default();
-    let mut user_devices = 0usize;
     for o in &opts {
         let shown = o.shown();
         let arg = o.arg.clone().unwrap_or_default();
@@ -368,7 +365,7 @@ fn read_cmdline(l: &mut Learner<'_>) -> Cmdline {
                 };
                 match p.take("size").map(|s| (parse_size(&s, 1 << 20), s)) {
                     Some((Some(b), _)) => c.memory = Some(b),
-                    Some((None, s)) => l.refuse(format!("{shown}"), format!("size {s:?} unreadable")),
+                    Some((None, s)) => l.refuse(shown.clone(), format!("size {s:?} unreadable")),
                     None => {}
                 }
                 l.leftover(&shown, &p);
@@ -570,18 +567,11 @@ fn read_cmdline(l: &mut Learner<'_>) -> Cmdline {
                             format!("-device {}", shorten(&driver)),
                             "device not in qlive's definition format",
                         );
-                        user_devices += 1;
                         continue;
                     }
                 };
                 l.leftover(&shown, &p);
-                c.devices.push(DevSpec {
-                    kind,
-                    order: user_devices,
-                    id,
-                    shown,
-                });
-                user_devices += 1;
+                c.devices.push(DevSpec { kind, id, shown });
             }
             "netdev" => {
                 let Some(mut p) = l.opts(o, Some("type")) else {
@@ -1284,7 +1274,6 @@ fn assemble(l: &mut Learner<'_>, c: &Cmdline, q: &QmpView, name: &str) -> Option
             );
             continue;
         }
-        let _ = dev.order;
         // The PCI slot qlive's command line would give it.
         let expected_slot = match dev.kind {
             DevKind::Blk { .. } => {
@@ -1381,7 +1370,7 @@ fn assemble(l: &mut Learner<'_>, c: &Cmdline, q: &QmpView, name: &str) -> Option
                 };
                 let (name, source) = match (&tap.ifname, tap.fd) {
                     (_, Some(fd)) => match l.proc_.taps.get(&fd) {
-                        Some(n) => (n.clone(), TapSource::Fd(fd)),
+                        Some(n) => (n.clone(), TapSource::Fd { fd }),
                         None => {
                             l.refuse(tap.shown.clone(), format!("fd {fd} of QEMU is not a tap"));
                             continue;

@@ -118,7 +118,7 @@ pub enum TapSource {
     /// It opened the tap by name (`ifname=`); `fd` is that open queue.
     Ifname { fd: i32 },
     /// It was given the fd (`fd=N`).
-    Fd(i32),
+    Fd { fd: i32 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

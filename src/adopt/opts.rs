@@ -278,11 +278,8 @@ pub fn parse_opts(arg: &str, implied: Option<&str>) -> Result<Props, String> {
     let mut map = BTreeMap::new();
     if arg.trim_start().starts_with('{') {
         let v: Value = serde_json::from_str(arg).map_err(|e| format!("invalid JSON: {e}"))?;
+        // JSON names the implied key itself (`driver`, `qom-type`).
         flatten("", &v, &mut map)?;
-        if let Some(k) = implied {
-            // JSON names the implied key itself (`driver`, `qom-type`).
-            let _ = k;
-        }
         return Ok(Props { map });
     }
     let mut parts: Vec<String> = Vec::new();

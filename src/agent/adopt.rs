@@ -54,7 +54,7 @@ impl Agent {
             .await
             .map_err(|source| AgentError::Adopt {
                 name: name.into(),
-                source,
+                source: Box::new(source),
             })?;
         let mut plan = api::AdoptPlan {
             name: name.into(),

@@ -93,7 +93,7 @@ pub enum AgentError {
     Adopt {
         name: String,
         #[source]
-        source: crate::adopt::AdoptError,
+        source: Box<crate::adopt::AdoptError>,
     },
     /// A result that JSON cannot carry (a path that is not UTF-8).
     #[error("encoding the answer")]
@@ -124,7 +124,7 @@ impl AgentError {
             } => ErrorKind::BadRequest,
             AgentError::GuestAgent { .. } => ErrorKind::GuestAgent,
             AgentError::Migration { .. } => ErrorKind::MigrationFailed,
-            AgentError::Adopt { source, .. } => match source {
+            AgentError::Adopt { source, .. } => match source.as_ref() {
                 crate::adopt::AdoptError::Busy { .. } => ErrorKind::Busy,
                 crate::adopt::AdoptError::OwnInstance { .. } => ErrorKind::InvalidState,
                 _ => ErrorKind::Emulator,
