@@ -10,6 +10,7 @@
 //! - [`qmp`]: QMP client on top of the `qapi` crate, tolerant of newer QEMUs.
 //! - [`qga`]: a client of the guest agent, over the domain's stable socket.
 //! - [`console`]: the per-domain console log and its live follower.
+//! - [`adopt`]: learning a QEMU qlive did not start, refusing what it cannot reproduce.
 //! - [`migration`]: phases, job, capability table, hooks, recovery rules.
 //! - [`metrics`]: the migration tally and the Prometheus text format.
 //! - [`upgrade`]: stale detection and batch upgrade runs.
@@ -18,6 +19,7 @@
 //!   recovery, request handling, the migration driver, systemd glue.
 //! - [`cli`]: client subcommands and their output.
 
+pub mod adopt;
 pub mod agent;
 pub mod api;
 pub mod cli;

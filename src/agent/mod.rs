@@ -8,6 +8,7 @@
 //! are done without the domain lock.
 
 pub mod access;
+mod adopt;
 mod migrate;
 mod ops;
 pub mod privileges;
@@ -88,6 +89,12 @@ pub enum AgentError {
     },
     #[error("another qlive agent is running (lock {0} is held)")]
     AlreadyRunning(PathBuf),
+    #[error("inspecting the QEMU to adopt as {name}")]
+    Adopt {
+        name: String,
+        #[source]
+        source: Box<crate::adopt::AdoptError>,
+    },
     /// A result that JSON cannot carry (a path that is not UTF-8).
     #[error("encoding the answer")]
     Encode(#[source] serde_json::Error),
@@ -117,6 +124,11 @@ impl AgentError {
             } => ErrorKind::BadRequest,
             AgentError::GuestAgent { .. } => ErrorKind::GuestAgent,
             AgentError::Migration { .. } => ErrorKind::MigrationFailed,
+            AgentError::Adopt { source, .. } => match source.as_ref() {
+                crate::adopt::AdoptError::Busy { .. } => ErrorKind::Busy,
+                crate::adopt::AdoptError::OwnInstance { .. } => ErrorKind::InvalidState,
+                _ => ErrorKind::Emulator,
+            },
             AgentError::Store(StoreError::BadName(_)) => ErrorKind::BadRequest,
             _ => ErrorKind::Internal,
         }

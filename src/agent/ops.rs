@@ -77,6 +77,16 @@ impl Agent {
                 answer(&self.guest_agent(&name, &command, timeout).await?)
             }
             Request::RecordUpgrade { summary } => answer(&self.record_upgrade(summary)?),
+            Request::Adopt {
+                name,
+                qmp,
+                definition,
+                dry_run,
+            } => answer(
+                &self
+                    .adopt(&name, &qmp, definition.as_ref(), dry_run)
+                    .await?,
+            ),
             // Streaming; handled by the server before it gets here.
             Request::Console { .. } => Err(AgentError::InvalidState(
                 "console is a streaming call".into(),

@@ -92,6 +92,19 @@ pub enum Request {
     /// `qlive upgrade` reports its summary when a run (not a dry run)
     /// ends; the agent keeps it as the last upgrade run.
     RecordUpgrade { summary: UpgradeSummary },
+    /// Learn the configuration of a running QEMU that qlive did not start,
+    /// over its QMP socket `qmp` (queries only; the agent disconnects
+    /// after), as a definition named `name`, checked against `definition`
+    /// when one is given. Only `dry_run: true` is implemented: the
+    /// migration into qlive is not there yet.
+    Adopt {
+        name: String,
+        qmp: std::path::PathBuf,
+        #[serde(default)]
+        definition: Option<Value>,
+        #[serde(default)]
+        dry_run: bool,
+    },
 }
 
 impl Request {
@@ -114,6 +127,7 @@ impl Request {
             Request::Metrics {} => "metrics",
             Request::GuestAgent { .. } => "guest-agent",
             Request::RecordUpgrade { .. } => "record-upgrade",
+            Request::Adopt { .. } => "adopt",
         }
     }
 }

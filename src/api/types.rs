@@ -305,6 +305,29 @@ pub struct Preflight {
     pub notes: Vec<String>,
 }
 
+/// `adopt` with `dry_run`: what qlive learned of a foreign QEMU, or why
+/// it refuses it. A refusal is a successful call with `ok: false`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdoptPlan {
+    pub name: String,
+    /// The foreign QEMU's pid (from the QMP socket's peer credentials).
+    pub pid: i32,
+    pub qemu_version: String,
+    pub dry_run: bool,
+    /// Learned, and (with a definition given) matching it.
+    pub ok: bool,
+    /// The definition qlive would store (the given one, when it matches);
+    /// `null` when refused.
+    pub definition: Option<Value>,
+    /// What the migration needs beyond the definition (RAM block, taps,
+    /// notes); `null` when refused.
+    pub facts: Option<crate::adopt::AdoptFacts>,
+    /// What qlive cannot reproduce, each `what (why)`.
+    pub refused: Vec<String>,
+    /// Where the given definition differs from the guest.
+    pub mismatches: Vec<String>,
+}
+
 /// `preflight.from` and `.to`: an emulator and its QEMU version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EmulatorVersion {
@@ -527,6 +550,7 @@ mod tests {
             "metrics",
             "record-upgrade",
             "guest-agent",
+            "adopt",
         ] {
             assert!(
                 by_shape.contains_key(shape),
@@ -579,6 +603,9 @@ mod tests {
         } else if has("phases_ms") {
             again::<Migrated>(r)?;
             "migrate"
+        } else if has("refused") {
+            again::<AdoptPlan>(r)?;
+            "adopt"
         } else if has("ok") {
             again::<Preflight>(r)?;
             "preflight"

@@ -142,6 +142,27 @@ pub enum Command {
         #[arg(long, default_value_t = crate::api::DEFAULT_GUEST_AGENT_TIMEOUT_S)]
         timeout: u64,
     },
+    /// Bring a running QEMU that qlive did not start under qlive. Only
+    /// --dry-run is implemented: it prints the definition qlive would store
+    /// (JSON, on stdout; what else the migration needs on stderr), or why
+    /// it refuses the QEMU (exit 1).
+    Adopt {
+        /// The domain name to give it.
+        name: String,
+        /// The QEMU's QMP socket (unix).
+        #[arg(long)]
+        qmp: PathBuf,
+        /// Check this definition against the running QEMU instead of
+        /// printing a learned one.
+        #[arg(long)]
+        definition: Option<PathBuf>,
+        /// Learn and check only; nothing is migrated or stored.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the whole answer (definition, facts, refusals) as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The agent's state in the Prometheus text format (domains, stale
     /// domains, migrations, the last upgrade run).
     /// Exit: 0 written, 2 agent unreachable (then `qlive_agent_up 0`).
@@ -192,6 +213,13 @@ pub async fn run(cli: Cli) -> i32 {
         }
         Command::Console { name } => console(&cli.socket, name).await,
         Command::Metrics { output } => metrics::run(&cli.socket, output.as_deref()).await,
+        Command::Adopt {
+            name,
+            qmp,
+            definition,
+            dry_run,
+            json,
+        } => adopt(&cli.socket, name, qmp, definition, dry_run, json).await,
         Command::Upgrade {
             names,
             all,
@@ -282,6 +310,7 @@ pub async fn run(cli: Cli) -> i32 {
                 Command::Agent { .. }
                 | Command::Console { .. }
                 | Command::Upgrade { .. }
+                | Command::Adopt { .. }
                 | Command::Metrics { .. } => {
                     unreachable!("handled above")
                 }
@@ -319,6 +348,81 @@ fn read_definition(file: &Path) -> Result<serde_json::Value, String> {
         ));
     }
     serde_json::from_slice(&buf).map_err(|e| format!("{}: not valid JSON: {e}", file.display()))
+}
+
+/// `qlive adopt`: exit 0 learned (and matching), 1 refused, mismatching
+/// or failed, 2 usage or agent unreachable.
+async fn adopt(
+    socket: &Path,
+    name: String,
+    qmp: PathBuf,
+    definition: Option<PathBuf>,
+    dry_run: bool,
+    json: bool,
+) -> i32 {
+    let definition = match definition.as_deref().map(read_definition).transpose() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("qlive: {e}");
+            return 2;
+        }
+    };
+    let req = Request::Adopt {
+        name,
+        qmp: std::path::absolute(&qmp).unwrap_or(qmp),
+        definition,
+        dry_run,
+    };
+    let plan = match client::call(socket, &req).await.and_then(|v| {
+        let raw = v.clone();
+        client::decode_result::<crate::api::AdoptPlan>(&req, v).map(|p| (p, raw))
+    }) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("qlive: {}", crate::error::chain(&e));
+            return exit_code(&e);
+        }
+    };
+    let (plan, raw) = plan;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&raw).unwrap_or_default());
+    }
+    if !plan.refused.is_empty() {
+        eprintln!("qlive: cannot adopt: {}", plan.refused.join("; "));
+        return 1;
+    }
+    if !plan.mismatches.is_empty() {
+        eprintln!(
+            "qlive: the definition does not match QEMU pid {}: {}",
+            plan.pid,
+            plan.mismatches.join("; ")
+        );
+        return 1;
+    }
+    if !json {
+        if let Some(d) = &plan.definition {
+            println!("{}", serde_json::to_string_pretty(d).unwrap_or_default());
+        }
+        if let Some(f) = &plan.facts {
+            eprintln!(
+                "# QEMU {} pid {} ({}): RAM block {} ({}, {} MiB, shared {})",
+                f.qemu_version,
+                f.pid,
+                f.status,
+                f.ram.block,
+                f.ram.backend,
+                f.ram.size_bytes >> 20,
+                f.ram.shared
+            );
+            for n in &f.nics {
+                eprintln!("# {}: tap {} at QEMU fd {:?}", n.device, n.tap, n.source);
+            }
+            for n in &f.notes {
+                eprintln!("# note: {n}");
+            }
+        }
+    }
+    0
 }
 
 async fn console(socket: &Path, name: String) -> i32 {
