@@ -556,8 +556,15 @@ fn scenario(sc: Scenario) {
     eprintln!(
         "lost (first seq, count): {runs:?}; migrations (seq at request, at answer): {marks:?}"
     );
+    // Frames the host side dropped at the tap (a queue full: nobody read
+    // it): where a loss happened, if there was one.
+    let stats_json = rig.in_netns("ip", &["-s", "-j", "link", "show", &tap]);
+    let tap_dropped = serde_json::from_str::<Value>(&stats_json)
+        .ok()
+        .and_then(|v| v[0]["stats64"]["tx"]["dropped"].as_u64())
+        .unwrap_or_else(|| panic!("tap statistics: {stats_json}"));
     eprintln!(
-        "NETSTATS queues={} flows={} bridged={} migrations={migrations} sent={counted} lost={lost} lost_during_migrations={lost_in} duplicated={dup} max_echo_gap_ms={:.1} qemu_downtime_ms={pauses:?}",
+        "NETSTATS queues={} flows={} bridged={} migrations={migrations} tap_tx_dropped={tap_dropped} sent={counted} lost={lost} lost_during_migrations={lost_in} duplicated={dup} max_echo_gap_ms={:.1} qemu_downtime_ms={pauses:?}",
         sc.queues,
         sc.flows,
         sc.bridged,
@@ -598,8 +605,9 @@ fn scenario(sc: Scenario) {
     // guest itself drops a burst now and then.
     assert_eq!(
         lost, 0,
-        "{lost} of {counted} echoes lost, {lost_in} during the {migrations} migrations: {runs:?}"
+        "{lost} of {counted} echoes lost, {lost_in} during the {migrations} migrations: {runs:?}; the tap dropped {tap_dropped}"
     );
+    assert_eq!(tap_dropped, 0, "frames dropped at the tap");
     assert_eq!(rig.qemu_pids().len(), 0);
 }
 
