@@ -94,7 +94,7 @@ quser=$("${NS[@]}" ps -o user= -p "$pid1" | tr -d ' ')
 # AF_PACKET under the unit's sandbox), set 0 receiving.
 steering() { "${NS[@]}" cat /run/qlive/domains/vm/nic0.steering; }
 grep -q '"set":0' <<<"$(steering)" || fail "nic0.steering at boot: $(steering)"
-"${NS[@]}" ip -d link show | grep -q "multi_queue" || fail "no multi-queue tap: $("${NS[@]}" ip -d link show)"
+output_has "multi_queue" "${NS[@]}" ip -d link show || fail "no multi-queue tap: $("${NS[@]}" ip -d link show)"
 step "guest running on QEMU $(info qemu_version), pid $pid1, heartbeat $(hb), tap steered to set 0"
 
 # The metrics file for node_exporter's textfile collector: the service is
