@@ -14,7 +14,9 @@
 //! (c) `novnet`: the same plain QEMU with `vnet_hdr=off` (qlive before the
 //!     tap guard: no offloads).
 //!
-//! Per variant, REPS times: host -> guest (the host writes to `SINK` for
+//! All three are booted first; then REPS rounds, each running every
+//! variant once, one at a time, the order rotated per round (the load of a
+//! shared host drifts alike for all): host -> guest (the host writes to `SINK` for
 //! WARMUP + SECS seconds) and guest -> host (the host reads and checks the
 //! pattern of `SOURCE`); the rate is the bytes moved in the SECS seconds after
 //! the warm-up. It prints the median MB/s (10^6 bytes) per direction, the
@@ -629,27 +631,26 @@ fn measure_down(t: &Target, cfg: &Config, pat: &Arc<Vec<u8>>) -> (f64, u64) {
     (rate, kv(&line, "retrans"))
 }
 
-fn throughput(label: &str, t: &Target, cfg: &Config, pat: &Arc<Vec<u8>>) -> Tput {
-    let mut r = Tput {
-        tap: tap_state(&t.ns, t.pid, &t.tap),
-        ..Default::default()
-    };
-    eprintln!("[bench] {label}: tap {}: {}", t.tap, r.tap);
-    for i in 0..cfg.reps {
-        let (up, ur) = measure_up(t, cfg);
-        std::thread::sleep(Duration::from_millis(500));
-        let (down, dr) = measure_down(t, cfg, pat);
-        std::thread::sleep(Duration::from_millis(500));
-        eprintln!(
-            "[bench] {label} run {}: host->guest {up:.1} MB/s (retrans {ur}), guest->host {down:.1} MB/s (retrans {dr})",
-            i + 1
-        );
-        r.up.push(up);
-        r.down.push(down);
-        r.up_retrans.push(ur);
-        r.down_retrans.push(dr);
-    }
-    r
+/// One run of a variant: host -> guest, then guest -> host.
+fn throughput_run(
+    label: &str,
+    run: usize,
+    t: &Target,
+    cfg: &Config,
+    pat: &Arc<Vec<u8>>,
+    r: &mut Tput,
+) {
+    let (up, ur) = measure_up(t, cfg);
+    std::thread::sleep(Duration::from_millis(500));
+    let (down, dr) = measure_down(t, cfg, pat);
+    std::thread::sleep(Duration::from_millis(500));
+    eprintln!(
+        "[bench] {label} run {run}: host->guest {up:.1} MB/s (retrans {ur}), guest->host {down:.1} MB/s (retrans {dr})"
+    );
+    r.up.push(up);
+    r.down.push(down);
+    r.up_retrans.push(ur);
+    r.down_retrans.push(dr);
 }
 
 // ------------------------------------------------------------------ stall
@@ -904,34 +905,67 @@ fn main() {
     // The rig reads the guest from QLIVE_GUEST_DIR too.
     std::env::set_var("QLIVE_GUEST_DIR", &cfg.guest_dir);
     let pat = pattern();
-    let mut results: Vec<(&str, Tput)> = vec![];
     let mut stalls: Vec<StallRow> = vec![];
-    if cfg.has("qlive") || cfg.has("stall") {
+    // All guests are booted first and the runs interleaved, one variant at
+    // a time, the order rotated every round: on a shared 2-core host the
+    // load drifts, and it then drifts for every variant alike. The idle
+    // guests cost the same to each.
+    let qlive = (cfg.has("qlive") || cfg.has("stall")).then(|| {
         eprintln!("[bench] qlive: booting through the agent");
-        let (rig, t) = start_qlive(&cfg);
-        wait_ready(&t);
-        if cfg.has("qlive") {
-            results.push(("qlive", throughput("qlive", &t, &cfg, &pat)));
+        start_qlive(&cfg)
+    });
+    let mut plains = vec![];
+    for (v, vnet) in [("floor", true), ("novnet", false)] {
+        if cfg.has(v) {
+            eprintln!("[bench] {v}: plain QEMU 7.2, vnet_hdr={vnet}");
+            plains.push((v, Plain::start(&cfg, vnet)));
         }
+    }
+    let mut targets: Vec<(&str, &Target)> = vec![];
+    if let Some((_, t)) = &qlive {
+        if cfg.has("qlive") {
+            targets.push(("qlive", t));
+        }
+        wait_ready(t);
+    }
+    for (v, p) in &plains {
+        wait_ready(&p.target);
+        targets.push((v, &p.target));
+    }
+    let mut results: Vec<(&str, Tput)> = targets
+        .iter()
+        .map(|(v, t)| {
+            let tap = tap_state(&t.ns, t.pid, &t.tap);
+            eprintln!("[bench] {v}: tap {}: {tap}", t.tap);
+            (
+                *v,
+                Tput {
+                    tap,
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    for run in 0..cfg.reps {
+        for k in 0..targets.len() {
+            let i = (k + run) % targets.len();
+            let (v, t) = targets[i];
+            throughput_run(v, run + 1, t, &cfg, &pat, &mut results[i].1);
+        }
+    }
+    drop(targets);
+    drop(plains);
+    if let Some((rig, t)) = &qlive {
         if cfg.has("stall") && cfg.migrations > 0 {
-            stalls = stall(&rig, &t, &cfg, &pat);
+            stalls = stall(rig, t, &cfg, &pat);
         }
         rig.ok(&["destroy", NAME]);
-    }
-    for (v, vnet) in [("floor", true), ("novnet", false)] {
-        if !cfg.has(v) {
-            continue;
-        }
-        eprintln!("[bench] {v}: plain QEMU 7.2, vnet_hdr={vnet}");
-        let p = Plain::start(&cfg, vnet);
-        wait_ready(&p.target);
-        results.push((v, throughput(v, &p.target, &cfg, &pat)));
     }
 
     println!();
     println!(
         "qlive network benchmark: host <-> guest TCP, TCG, 2 vCPUs, {} MiB, pc-q35-7.2, QEMU 7.2; \
-         {} runs of {} s after {} s warm-up; median MB/s (10^6 B/s)",
+         {} runs of {} s after {} s warm-up, interleaved; median MB/s (10^6 B/s)",
         cfg.mib, cfg.reps, cfg.secs, cfg.warmup
     );
     let floor = results.iter().find(|r| r.0 == "floor").map(|r| &r.1);
