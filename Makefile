@@ -4,7 +4,7 @@
 CARGO ?= cargo
 GUEST_DIR := target/guest
 
-.PHONY: all build deps guest qemu-new assets deb rpm selinux selinux-check demo test lint fuzz ansible-venv ansible-sanity bench bench-core bench-migration bench-upgrade bench-chaos clean
+.PHONY: all build deps guest qemu-new assets deb rpm selinux selinux-check demo test lint fuzz ansible-venv ansible-sanity bench bench-core bench-migration bench-upgrade bench-chaos bench-network clean
 
 all: build
 
@@ -99,7 +99,7 @@ test: deps guest debian-guest qemu-new deb rpm selinux-check lint fuzz ansible-s
 	$(CARGO) nextest run --locked --profile ci
 
 # Benchmarks print their figures (docs/benchmarks.md); not part of `make test`.
-bench: bench-core bench-migration bench-upgrade bench-chaos
+bench: bench-core bench-migration bench-upgrade bench-chaos bench-network
 
 bench-core: build guest
 	$(CARGO) bench --locked --bench core
@@ -115,6 +115,13 @@ bench-upgrade: build guest
 # CHAOS_SEED: docs/benchmarks.md).
 bench-chaos: build guest qemu-new
 	$(CARGO) bench --locked --bench chaos
+
+# Host <-> guest TCP throughput through qlive's tap, a plain QEMU tap with
+# vnet header (the floor) and one without; then the TCP stall and
+# retransmits of streaming connections across migrations 7.2 <-> 10.0
+# (QLIVE_BENCH_*: docs/benchmarks.md).
+bench-network: build guest qemu-new
+	$(CARGO) bench --locked --bench network
 
 clean:
 	$(CARGO) clean

@@ -3,7 +3,7 @@
  *
  * Prints a heartbeat line every millisecond on ttyS0, keeps a memory pattern
  * and verifies it continuously, and optionally dirties memory, writes/verifies
- * a disk and echoes UDP datagrams. Options come from /proc/cmdline (qlive.*).
+ * a disk, echoes UDP datagrams and serves a TCP sink/source. Options come from /proc/cmdline (qlive.*).
  * See README.md in this folder for the option and output reference.
  *
  * Build: gcc -static -O2 -pthread -o init init.c
@@ -16,6 +16,8 @@
 #include <linux/fs.h>
 #include <net/if.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdarg.h>
@@ -51,6 +53,7 @@ static struct {
     int net;
     char ip[64];
     unsigned long udp_port;
+    unsigned long tcp_port;
     char modules[512];
     unsigned long hb_us;
     unsigned long slice_us;
@@ -192,6 +195,8 @@ static void parse_cmdline(void)
             copy_opt(opt.ip, sizeof opt.ip, val);
         else if (!strcmp(key, "udp_port"))
             opt.udp_port = strtoul(val, NULL, 0);
+        else if (!strcmp(key, "tcp_port"))
+            opt.tcp_port = strtoul(val, NULL, 0);
         else if (!strcmp(key, "modules"))
             copy_opt(opt.modules, sizeof opt.modules, val);
         else if (!strcmp(key, "hb_us"))
@@ -496,6 +501,218 @@ static int set_addr(int s, const char *ifname, unsigned long req, in_addr_t a)
     return ioctl(s, req, &ifr);
 }
 
+/* ---------- TCP sink / source (qlive.tcp_port) ---------- */
+
+/* Byte o of every SOURCE stream is tcp_pat[o % TCP_PAT_BYTES]: word i of the
+ * table is splitmix64(TCP_PAT_SEED + i), little-endian. */
+#define TCP_PAT_BYTES (1u << 20)
+#define TCP_PAT_SEED 0x51ec0000ULL
+#define TCP_BUF (256u * 1024)
+static unsigned char *tcp_pat;
+
+static unsigned tcp_retrans(int fd)
+{
+    struct tcp_info ti;
+    socklen_t l = sizeof ti;
+    memset(&ti, 0, sizeof ti);
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &l) != 0)
+        return 0;
+    return ti.tcpi_total_retrans;
+}
+
+/* SINK: read and discard until the peer shuts down its side, then answer
+ * "SINK bytes=N" on the connection. */
+static void tcp_sink(int fd, unsigned port)
+{
+    char *buf = malloc(TCP_BUF);
+    unsigned long long bytes = 0;
+    if (!buf)
+        return;
+    for (;;) {
+        ssize_t r = read(fd, buf, TCP_BUF);
+        if (r > 0)
+            bytes += (unsigned long long)r;
+        else if (r < 0 && errno == EINTR)
+            continue;
+        else
+            break;
+    }
+    free(buf);
+    dprintf(fd, "SINK bytes=%llu\n", bytes);
+    emit("TCP END SINK port=%u bytes=%llu retrans=%u", port, bytes, tcp_retrans(fd));
+}
+
+/* SOURCE [RATE]: write the pattern as fast as possible (RATE 0 or absent) or
+ * at RATE bytes/s, until the peer closes. Meanwhile each "INFO TAG" line the
+ * peer sends is answered on the console (a TCP INFO line). */
+static void tcp_source(int fd, unsigned port, unsigned long rate)
+{
+    unsigned long long off = 0;
+    size_t chunk = TCP_BUF;
+    if (rate) {
+        chunk = rate / 1000; /* about one chunk per millisecond */
+        if (chunk < 1024)
+            chunk = 1024;
+        if (chunk > TCP_BUF)
+            chunk = TCP_BUF;
+    }
+    int64_t t0 = now_ns();
+    char cmd[128];
+    size_t clen = 0;
+    for (;;) {
+        short ev = POLLIN;
+        struct timespec ts, *tsp = NULL;
+        size_t want = chunk;
+        if (!rate) {
+            ev |= POLLOUT;
+        } else {
+            int64_t now = now_ns();
+            double allowed = (double)(now - t0) * (double)rate / 1e9;
+            /* after a pause, catch up at most 100 ms worth: no long burst */
+            if (allowed - (double)off > (double)rate / 10) {
+                t0 = now - (int64_t)(((double)off + (double)rate / 10) * 1e9 / (double)rate);
+                allowed = (double)off + (double)rate / 10;
+            }
+            if ((double)off + 1 <= allowed) {
+                ev |= POLLOUT;
+                if ((double)(off + want) > allowed)
+                    want = (size_t)(allowed - (double)off);
+                if (want == 0)
+                    want = 1;
+            } else {
+                int64_t wait = (int64_t)(((double)off + (double)chunk - allowed) * 1e9 / (double)rate);
+                if (wait < 100000)
+                    wait = 100000;
+                ts.tv_sec = wait / NSEC;
+                ts.tv_nsec = wait % NSEC;
+                tsp = &ts;
+            }
+        }
+        struct pollfd p = {.fd = fd, .events = ev};
+        int r = ppoll(&p, 1, tsp, NULL);
+        if (r < 0 && errno != EINTR)
+            break;
+        if (r <= 0)
+            continue;
+        if (p.revents & (POLLIN | POLLHUP | POLLERR)) {
+            ssize_t n = read(fd, cmd + clen, sizeof cmd - 1 - clen);
+            if (n == 0 || (n < 0 && errno != EINTR && errno != EAGAIN))
+                break;
+            if (n > 0)
+                clen += (size_t)n;
+            char *nl;
+            while ((nl = memchr(cmd, '\n', clen))) {
+                *nl = 0;
+                if (!strncmp(cmd, "INFO", 4))
+                    emit("TCP INFO %s port=%u sent=%llu retrans=%u", cmd[4] ? cmd + 5 : "-", port, off,
+                         tcp_retrans(fd));
+                size_t used = (size_t)(nl + 1 - cmd);
+                memmove(cmd, nl + 1, clen - used);
+                clen -= used;
+            }
+            if (clen == sizeof cmd - 1) /* an overlong line: drop it */
+                clen = 0;
+        }
+        if (p.revents & POLLOUT) {
+            size_t at = (size_t)(off % TCP_PAT_BYTES);
+            if (want > TCP_PAT_BYTES - at)
+                want = TCP_PAT_BYTES - at;
+            ssize_t w = send(fd, tcp_pat + at, want, MSG_DONTWAIT | MSG_NOSIGNAL);
+            if (w > 0)
+                off += (unsigned long long)w;
+            else if (w < 0 && errno != EAGAIN && errno != EINTR)
+                break;
+        }
+    }
+    emit("TCP END SOURCE port=%u bytes=%llu retrans=%u", port, off, tcp_retrans(fd));
+}
+
+struct tcp_conn {
+    int fd;
+    unsigned port;
+};
+
+static void *tcp_conn_thread(void *arg)
+{
+    struct tcp_conn c = *(struct tcp_conn *)arg;
+    free(arg);
+    /* The command line, a byte at a time: nothing after it is consumed. */
+    char line[128];
+    size_t n = 0;
+    while (n < sizeof line - 1) {
+        ssize_t r = read(c.fd, line + n, 1);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0 || line[n] == '\n')
+            break;
+        n++;
+    }
+    line[n] = 0;
+    if (!strcmp(line, "SINK"))
+        tcp_sink(c.fd, c.port);
+    else if (!strncmp(line, "SOURCE", 6) && (line[6] == 0 || line[6] == ' '))
+        tcp_source(c.fd, c.port, line[6] ? strtoul(line + 7, NULL, 0) : 0);
+    else
+        emit("GUEST-ERROR tcp port=%u: unknown command", c.port);
+    close(c.fd);
+    return NULL;
+}
+
+static void *tcp_thread(void *arg)
+{
+    (void)arg;
+    uint64_t *w = malloc(TCP_PAT_BYTES);
+    if (!w) {
+        emit("GUEST-ERROR tcp: no memory");
+        return NULL;
+    }
+    for (unsigned i = 0; i < TCP_PAT_BYTES / 8; i++)
+        w[i] = splitmix64(TCP_PAT_SEED + i);
+    tcp_pat = (unsigned char *)w;
+    int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int one = 1;
+    if (s < 0 || setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0) {
+        emit("GUEST-ERROR tcp socket: %s", strerror(errno));
+        return NULL;
+    }
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)opt.tcp_port)};
+    sa.sin_addr.s_addr = htonl(INADDR_ANY);
+    if (bind(s, (struct sockaddr *)&sa, sizeof sa) != 0 || listen(s, 16) != 0) {
+        emit("GUEST-ERROR tcp bind/listen %lu: %s", opt.tcp_port, strerror(errno));
+        return NULL;
+    }
+    emit("TCP UP port=%lu", opt.tcp_port);
+    for (;;) {
+        struct sockaddr_in from;
+        socklen_t fl = sizeof from;
+        int c = accept4(s, (struct sockaddr *)&from, &fl, SOCK_CLOEXEC);
+        if (c < 0)
+            continue;
+        struct tcp_conn *tc = malloc(sizeof *tc);
+        if (!tc) {
+            close(c);
+            continue;
+        }
+        tc->fd = c;
+        tc->port = ntohs(from.sin_port);
+        pthread_t t;
+        pthread_attr_t a;
+        pthread_attr_init(&a);
+        pthread_attr_setstacksize(&a, 256 * 1024);
+        pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+        int e = pthread_create(&t, &a, tcp_conn_thread, tc);
+        pthread_attr_destroy(&a);
+        if (e != 0) {
+            emit("GUEST-ERROR thread tcp: %s", strerror(e));
+            close(c);
+            free(tc);
+        }
+    }
+    return NULL;
+}
+
+static void start_thread(void *(*fn)(void *), const char *what);
+
 static void *net_thread(void *arg)
 {
     (void)arg;
@@ -552,6 +769,8 @@ static void *net_thread(void *arg)
         return NULL;
     }
     emit("NET UP %s", ifname);
+    if (opt.tcp_port)
+        start_thread(tcp_thread, "tcp");
     static char pkt[65536];
     for (;;) {
         struct sockaddr_in from;
