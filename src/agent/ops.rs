@@ -381,6 +381,16 @@ impl Agent {
             self.create_domain_run_dir(&dom.name)?;
         }
         for (i, n) in st.def.nics.iter().enumerate() {
+            // A stop or destroy just before this start: the last holders
+            // of the previous run's taps (its instance, the tasks that
+            // watched it) let go of them asynchronously. Give them a
+            // moment before calling the tap another process's.
+            let t0 = std::time::Instant::now();
+            while crate::instance::tap::attached(n.tap())
+                && t0.elapsed() < std::time::Duration::from_secs(5)
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
             let state = crate::instance::tap::steering_file(
                 &crate::instance::paths::domain_run_dir(&self.cfg.run_dir, &dom.name),
                 i,

@@ -325,6 +325,13 @@ fn tun_info(name: &str) -> io::Result<Option<TunInfo>> {
     Ok(Some(info))
 }
 
+/// Does tap `name` exist with queues attached (by this agent's previous
+/// run of the domain whose last fds are being closed, or by another
+/// process)?
+pub fn attached(name: &str) -> bool {
+    matches!(tun_info(name), Ok(Some(i)) if i.queues > 0)
+}
+
 impl Tap {
     /// Create (or attach to) tap `name` with two sets of `queues` queues,
     /// bring its link up, enslave it to `bridge` if given, and steer its
