@@ -134,40 +134,15 @@ fn median(v: &[f64]) -> f64 {
 
 // ------------------------------------------------------------ the namespace
 
-/// Run a command in network namespace `ns`; panics with its stderr if it
-/// fails (as `Rig::in_netns`, for a namespace without a rig).
-fn in_ns(ns: &OwnedFd, prog: &str, args: &[&str]) -> String {
-    use std::os::unix::process::CommandExt;
-    let fd = ns.as_raw_fd();
-    let mut cmd = Command::new(prog);
-    cmd.args(args);
-    // SAFETY: setns is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let out = cmd.output().expect("run in netns");
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn setup_bridge(ns: &OwnedFd) {
-    in_ns(ns, "ip", &["link", "set", "lo", "up"]);
-    in_ns(ns, "ip", &["link", "add", "br0", "type", "bridge"]);
-    in_ns(
+    run_in_netns(ns, "ip", &["link", "set", "lo", "up"]);
+    run_in_netns(ns, "ip", &["link", "add", "br0", "type", "bridge"]);
+    run_in_netns(
         ns,
         "ip",
         &["addr", "add", &format!("{HOST_IP}/24"), "dev", "br0"],
     );
-    in_ns(ns, "ip", &["link", "set", "br0", "up"]);
+    run_in_netns(ns, "ip", &["link", "set", "br0", "up"]);
 }
 
 /// A TCP connection to the guest made from inside `ns` (a socket belongs
@@ -286,9 +261,6 @@ fn tap_state(ns: &OwnedFd, pid: i32, tap: &str) -> String {
     const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
     const TUNGETVNETHDRSZ: libc::c_ulong = 0x8004_54d7;
     const IFF_VNET_HDR: i16 = 0x4000;
-    const SIOCETHTOOL: libc::c_ulong = 0x8946;
-    const ETHTOOL_GTXCSUM: u32 = 0x16;
-    const ETHTOOL_GTSO: u32 = 0x1e;
     let mut vnet = "?".to_string();
     // SAFETY: pidfd_open/pidfd_getfd on a live pid; TUNGETIFF into a
     // 40-byte ifreq; results checked, fds closed.
@@ -331,42 +303,9 @@ fn tap_state(ns: &OwnedFd, pid: i32, tap: &str) -> String {
         }
         libc::close(pidfd);
     }
-    let ns = ns.try_clone().expect("netns");
-    let name = tap.to_string();
-    let (csum, tso) = std::thread::spawn(move || {
-        enter_netns(&ns);
-        #[repr(C)]
-        struct Ifreq {
-            name: [u8; 16],
-            data: *mut u32,
-            _pad: [u8; 16],
-        }
-        let get = |cmd: u32| {
-            let mut v: [u32; 2] = [cmd, 0];
-            let mut req = Ifreq {
-                name: [0; 16],
-                data: v.as_mut_ptr(),
-                _pad: [0; 16],
-            };
-            req.name[..name.len()].copy_from_slice(name.as_bytes());
-            // SAFETY: an AF_INET socket and one ifreq pointing at a live
-            // ethtool_value.
-            unsafe {
-                let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
-                let r = libc::ioctl(s, SIOCETHTOOL, &mut req);
-                libc::close(s);
-                assert_eq!(r, 0, "SIOCETHTOOL {cmd:#x} {name}");
-            }
-            if v[1] != 0 {
-                "on"
-            } else {
-                "off"
-            }
-        };
-        (get(ETHTOOL_GTXCSUM), get(ETHTOOL_GTSO))
-    })
-    .join()
-    .expect("ethtool thread");
+    let onoff = |b: bool| if b { "on" } else { "off" };
+    let (csum, tso) = tap_csum_tso(ns, tap);
+    let (csum, tso) = (onoff(csum), onoff(tso));
     format!("vnet_hdr {vnet}, tx-checksumming {csum}, tcp-segmentation-offload {tso}")
 }
 
@@ -445,9 +384,9 @@ impl Plain {
         let ns = new_netns();
         setup_bridge(&ns);
         let tap = "qbtap0";
-        in_ns(&ns, "ip", &["tuntap", "add", "dev", tap, "mode", "tap"]);
-        in_ns(&ns, "ip", &["link", "set", tap, "master", "br0"]);
-        in_ns(&ns, "ip", &["link", "set", tap, "up"]);
+        run_in_netns(&ns, "ip", &["tuntap", "add", "dev", tap, "mode", "tap"]);
+        run_in_netns(&ns, "ip", &["link", "set", tap, "master", "br0"]);
+        run_in_netns(&ns, "ip", &["link", "set", tap, "up"]);
         let console = dir.path().join("console.log");
         std::fs::write(&console, b"").expect("console log");
         let g = guest_image();

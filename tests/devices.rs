@@ -205,9 +205,6 @@ impl Pinger {
 /// ioctls in the rig's namespace).
 fn tap_state(rig: &Rig, pid: i32, tap: &str) -> (i32, bool, bool) {
     const TUNGETVNETHDRSZ: libc::c_ulong = 0x8004_54d7;
-    const SIOCETHTOOL: libc::c_ulong = 0x8946;
-    const ETHTOOL_GTXCSUM: u32 = 0x16;
-    const ETHTOOL_GTSO: u32 = 0x1e;
     // SAFETY: pidfd_open/pidfd_getfd on a live pid; results checked.
     let hdr = unsafe {
         let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
@@ -225,43 +222,7 @@ fn tap_state(rig: &Rig, pid: i32, tap: &str) -> (i32, bool, bool) {
         assert_eq!(r, 0, "TUNGETVNETHDRSZ");
         len
     };
-    let ns = rig.netns().try_clone().expect("netns");
-    let name = tap.to_string();
-    let (csum, tso) = std::thread::spawn(move || {
-        enter_netns(&ns);
-        #[repr(C)]
-        struct Ifreq {
-            name: [u8; 16],
-            data: *mut u32,
-            _pad: [u8; 16],
-        }
-        let get = |cmd: u32| {
-            let mut v: [u32; 2] = [cmd, 0];
-            let mut req = Ifreq {
-                name: [0; 16],
-                data: v.as_mut_ptr(),
-                _pad: [0; 16],
-            };
-            req.name[..name.len()].copy_from_slice(name.as_bytes());
-            // SAFETY: an AF_INET socket and one ifreq pointing at a live
-            // ethtool_value.
-            unsafe {
-                let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
-                let r = libc::ioctl(s, SIOCETHTOOL, &mut req);
-                libc::close(s);
-                assert_eq!(
-                    r,
-                    0,
-                    "SIOCETHTOOL {cmd:#x}: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
-            v[1] != 0
-        };
-        (get(ETHTOOL_GTXCSUM), get(ETHTOOL_GTSO))
-    })
-    .join()
-    .expect("ethtool thread");
+    let (csum, tso) = tap_csum_tso(rig.netns(), tap);
     (hdr, csum, tso)
 }
 

@@ -246,27 +246,7 @@ impl Rig {
     /// Run a command (`ip ...`) in the rig's network namespace; panics
     /// with its stderr if it fails.
     pub fn in_netns(&self, prog: &str, args: &[&str]) -> String {
-        use std::os::fd::AsRawFd;
-        use std::os::unix::process::CommandExt;
-        let fd = self.netns().as_raw_fd();
-        let mut cmd = Command::new(prog);
-        cmd.args(args);
-        // SAFETY: setns is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let out = cmd.output().expect("run in netns");
-        assert!(
-            out.status.success(),
-            "{prog} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        run_in_netns(self.netns(), prog, args)
     }
 
     pub fn agent_pid(&self) -> Option<u32> {
@@ -571,4 +551,75 @@ impl Heartbeat {
             &self.breaks[..self.breaks.len().min(5)]
         );
     }
+}
+
+/// Run `prog` in network namespace `ns`; its stdout, or a panic with its
+/// stderr if it fails.
+pub fn run_in_netns(ns: &std::os::fd::OwnedFd, prog: &str, args: &[&str]) -> String {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = ns.as_raw_fd();
+    let mut cmd = Command::new(prog);
+    cmd.args(args);
+    // SAFETY: setns is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().expect("run in netns");
+    assert!(
+        out.status.success(),
+        "{prog} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Tap `tap`'s tx checksumming and TSO as the kernel has them (ethtool's
+/// ioctls, in namespace `ns`: the machine has no `ethtool`).
+pub fn tap_csum_tso(ns: &std::os::fd::OwnedFd, tap: &str) -> (bool, bool) {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GTXCSUM: u32 = 0x16;
+    const ETHTOOL_GTSO: u32 = 0x1e;
+    let ns = ns.try_clone().expect("netns");
+    let name = tap.to_string();
+    std::thread::spawn(move || {
+        enter_netns(&ns);
+        #[repr(C)]
+        struct Ifreq {
+            name: [u8; 16],
+            data: *mut u32,
+            _pad: [u8; 16],
+        }
+        let get = |cmd: u32| {
+            let mut v: [u32; 2] = [cmd, 0];
+            let mut req = Ifreq {
+                name: [0; 16],
+                data: v.as_mut_ptr(),
+                _pad: [0; 16],
+            };
+            req.name[..name.len()].copy_from_slice(name.as_bytes());
+            // SAFETY: an AF_INET socket and one ifreq pointing at a live
+            // ethtool_value.
+            unsafe {
+                let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+                let r = libc::ioctl(s, SIOCETHTOOL, &mut req);
+                libc::close(s);
+                assert_eq!(
+                    r,
+                    0,
+                    "SIOCETHTOOL {cmd:#x} {name}: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            v[1] != 0
+        };
+        (get(ETHTOOL_GTXCSUM), get(ETHTOOL_GTSO))
+    })
+    .join()
+    .expect("ethtool thread")
 }
