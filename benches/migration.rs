@@ -32,7 +32,7 @@ use qlive::instance::cmdline::{self, EffectiveAccel, StartMode};
 use qlive::instance::memory::GuestRam;
 use qlive::instance::paths::InstancePaths;
 use qlive::instance::{self as inst, Instance, SpawnSpec};
-use qlive::migration::params::{self, Side};
+use qlive::migration::params::{self, Memory, Side};
 use qlive::qmp::Qmp;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -209,6 +209,7 @@ impl Direct {
             data_dirs: &[],
             nvram: None,
             inherit_firmware: None,
+            ram_block: None,
         })
         .await
         .expect("spawn");
@@ -220,7 +221,14 @@ impl Direct {
     async fn spawn_private(&mut self, mode: StartMode) -> (Arc<Qmp>, i32) {
         let (_, paths) = self.paths();
         std::fs::create_dir_all(&paths.dir).expect("dir");
-        let args = cmdline::build(&self.def, "pc-q35-7.2", EffectiveAccel::Tcg, &paths, mode);
+        let args = cmdline::build(
+            &self.def,
+            "pc-q35-7.2",
+            EffectiveAccel::Tcg,
+            &paths,
+            mode,
+            cmdline::RAM_ID,
+        );
         let mut raw: Vec<String> = args
             .into_iter()
             .map(|a| a.to_string_lossy().into_owned())
@@ -288,8 +296,12 @@ async fn direct_migrate(
     shared: bool,
 ) -> (Instant, Instant, Value) {
     if shared {
-        params::apply(src, Side::Source).await.expect("caps");
-        params::apply(dst, Side::Destination).await.expect("caps");
+        params::apply(src, Side::Source, Memory::Shared)
+            .await
+            .expect("caps");
+        params::apply(dst, Side::Destination, Memory::Shared)
+            .await
+            .expect("caps");
     } else {
         for q in [src, dst] {
             q.execute_raw(

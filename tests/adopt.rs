@@ -31,18 +31,38 @@ impl Drop for Foreign {
 
 impl Foreign {
     fn start(rig: &Rig, emulator: &Path, tag: &str, devices: &[String]) -> Foreign {
+        Foreign::start_with(
+            rig,
+            emulator,
+            tag,
+            devices,
+            "console=ttyS0 quiet panic=-1 no_timer_check",
+            256,
+        )
+    }
+
+    fn start_with(
+        rig: &Rig,
+        emulator: &Path,
+        tag: &str,
+        devices: &[String],
+        append: &str,
+        memory_mib: u64,
+    ) -> Foreign {
         use std::os::fd::AsRawFd;
         use std::os::unix::process::CommandExt;
         let g = guest_image();
         let dir = rig.dir.path();
         let qmp = dir.join(format!("{tag}.qmp"));
         let mut cmd = Command::new(emulator);
-        cmd.args(["-accel", "tcg", "-machine", "q35", "-m", "256", "-smp", "1"])
+        cmd.args(["-accel", "tcg", "-machine", "q35", "-smp", "1"])
+            .arg("-m")
+            .arg(memory_mib.to_string())
             .arg("-kernel")
             .arg(&g.kernel)
             .arg("-initrd")
             .arg(&g.initrd)
-            .args(["-append", "console=ttyS0 quiet panic=-1 no_timer_check"])
+            .args(["-append", append])
             .args(["-nographic", "-nodefaults", "-serial"])
             .arg(format!(
                 "file:{}",
@@ -196,6 +216,9 @@ fn adopt_dry_run_learns_plain_qemus_and_refuses_what_qlive_cannot_reproduce() {
     .map(|s| s.to_string())
     .collect();
     let mut odd = Foreign::start(&rig, Path::new(SYSTEM_QEMU), "odd", &odd_devices);
+    // The foreign taps are ports of a bridge: an adopted guest moves onto
+    // a tap of qlive's on the same bridge.
+    bridge(&rig, &["tapold0", "tapnew0"]);
 
     for ((emu, version, tag, tap, mac), f) in cases.iter().zip(foreign.iter_mut()) {
         let name = format!("vm-{tag}");
@@ -229,7 +252,7 @@ fn adopt_dry_run_learns_plain_qemus_and_refuses_what_qlive_cannot_reproduce() {
             json!(rig.dir.path().join(format!("{tag}.qcow2")))
         );
         assert_eq!(d["disks"][0]["format"], "qcow2");
-        assert_eq!(d["nics"], json!([{"mac": mac, "tap": tap}]), "{d}");
+        assert_eq!(d["nics"], json!([{"mac": mac, "bridge": "br0"}]), "{d}");
         // emulator: the binary that runs (the 10.0 wrapper execs it)
         let exe = std::fs::read_link(format!("/proc/{}/exe", f.pid())).expect("exe");
         assert_eq!(d["emulator"], json!(exe));
@@ -284,14 +307,19 @@ fn adopt_dry_run_learns_plain_qemus_and_refuses_what_qlive_cannot_reproduce() {
             assert!(err.contains(want), "{want}: {err}");
         }
 
-        // Without --dry-run: not there yet, and said so.
-        let out = adopt(&rig, &name, &f.qmp, &[]);
+        // Adopting with a definition that does not match: refused before
+        // anything is stored or migrated.
+        let out = adopt(
+            &rig,
+            &name,
+            &f.qmp,
+            &["--definition", file.to_str().unwrap()],
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{err}");
         assert!(
-            err.contains(
-                "not implemented yet: adoption migrates the guest; only --dry-run is available"
-            ),
+            err.contains("the definition does not match the guest")
+                && err.contains("nothing was changed"),
             "{err}"
         );
     }
@@ -308,6 +336,14 @@ fn adopt_dry_run_learns_plain_qemus_and_refuses_what_qlive_cannot_reproduce() {
         assert!(err.contains(want), "{want}: {err}");
     }
     assert!(out.stdout.is_empty(), "a refusal prints no definition");
+    // The same without --dry-run: the same refusal, nothing migrated.
+    let out = adopt(&rig, "vm-odd", &odd.qmp, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("-netdev user (only tap backends)") && err.contains("nothing was changed"),
+        "{err}"
+    );
 
     // Nothing was defined, and every foreign QEMU runs on untouched.
     assert_eq!(rig.ok(&["list", "--json"]).trim(), "[]");
@@ -340,4 +376,284 @@ fn a_busy_qmp_socket_is_an_error_not_a_wait() {
     assert!(t0.elapsed() < Duration::from_secs(10));
     drop(holder);
     f.assert_untouched();
+}
+
+/// `br0` in the rig's namespace, up, with `ports` as its ports.
+fn bridge(rig: &Rig, ports: &[&str]) {
+    rig.in_netns("ip", &["link", "add", "br0", "type", "bridge"]);
+    rig.in_netns(
+        "ip",
+        &["addr", "add", &format!("{HOST_IP}/24"), "dev", "br0"],
+    );
+    rig.in_netns("ip", &["link", "set", "br0", "up"]);
+    for p in ports {
+        rig.in_netns("ip", &["link", "set", p, "master", "br0"]);
+        rig.in_netns("ip", &["link", "set", p, "up"]);
+    }
+}
+
+const HOST_IP: &str = "10.0.9.1";
+const GUEST_IP: &str = "10.0.9.2";
+const UDP_PORT: u16 = 7777;
+
+fn guest_cmdline(extra: &str) -> String {
+    let modules = std::fs::read_to_string(repo_root().join("target/guest/modules.txt"))
+        .expect("target/guest/modules.txt: run `make guest`");
+    format!(
+        "console=ttyS0 quiet panic=-1 no_timer_check qlive.modules={} qlive.disk=/dev/vda \
+         qlive.disk_rate=200 qlive.net=1 qlive.ip={GUEST_IP}/24 qlive.udp_port={UDP_PORT} {extra}",
+        modules.trim()
+    )
+}
+
+/// Send `n` datagrams from the rig's namespace to the guest's echo port;
+/// how many came back within `timeout`.
+fn udp_echoes(rig: &Rig, n: u32, timeout: Duration) -> u32 {
+    let ns = rig.netns().try_clone().expect("dup netns");
+    std::thread::spawn(move || {
+        enter_netns(&ns);
+        let s = std::net::UdpSocket::bind((HOST_IP, 0)).expect("bind");
+        s.set_read_timeout(Some(Duration::from_millis(100))).ok();
+        let t0 = Instant::now();
+        let mut got = std::collections::BTreeSet::new();
+        let mut buf = [0u8; 64];
+        let mut i = 0u32;
+        while t0.elapsed() < timeout && (got.len() as u32) < n {
+            if i < n {
+                let _ = s.send_to(&i.to_le_bytes(), (GUEST_IP, UDP_PORT));
+                i += 1;
+            }
+            if let Ok(k) = s.recv(&mut buf) {
+                if k >= 4 {
+                    got.insert(u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]));
+                }
+            }
+            if i >= n {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        got.len() as u32
+    })
+    .join()
+    .expect("udp thread")
+}
+
+/// Wait until `path` has a line starting with `prefix`.
+fn wait_line(path: &Path, prefix: &str, timeout: Duration) -> String {
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.starts_with(prefix)) {
+            return l.to_string();
+        }
+        assert!(
+            t0.elapsed() < timeout,
+            "no {prefix:?} line in {} within {timeout:?}: {}",
+            path.display(),
+            tail(&text, 5)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Adoption proper, as a user would do it: a QEMU started by hand with a
+/// disk, a NIC on a bridged tap and a serial console, adopted into qlive
+/// (guest RAM copied into the agent's memfd, the guest moved onto a tap of
+/// qlive's on the same bridge), then upgraded the usual shared-memory way.
+/// `postcopy` is the policy; `dirty` the guest's dirtying rate (MiB/s).
+/// `onto`: adopt onto this binary (a definition naming it is given), not
+/// the one that runs. `bandwidth`: the test-only cap on the copy (bytes/s),
+/// so that a dirtying guest cannot converge and post-copy must start.
+fn adopt_and_upgrade(
+    bandwidth: Option<u64>,
+    emulator: &Path,
+    onto: Option<&Path>,
+    then: &Path,
+    postcopy: &str,
+    dirty: u64,
+) {
+    let mut rig = Rig::new_netns();
+    if let Some(bw) = bandwidth {
+        rig.kill_agent();
+        rig.start_agent_with(&[("QLIVE_TEST_MAX_BANDWIDTH", &bw.to_string())]);
+    }
+    rig.in_netns("ip", &["link", "set", "lo", "up"]);
+    let img = image(&rig, "disk.qcow2");
+    let mac = "52:54:00:ad:00:01";
+    let devices = plain_devices(&img, "tapfor0", mac);
+    let append = guest_cmdline(&format!(
+        "qlive.pattern_mib=128 qlive.dirty_mib_per_s={dirty}"
+    ));
+    let mut f = Foreign::start_with(&rig, emulator, "vm", &devices, &append, 256);
+    bridge(&rig, &["tapfor0"]);
+    let foreign_log = rig.dir.path().join("vm.console");
+    wait_line(&foreign_log, "NET UP", Duration::from_secs(90));
+    wait_line(&foreign_log, "DISK 1", Duration::from_secs(30));
+    assert_eq!(
+        udp_echoes(&rig, 50, Duration::from_secs(20)),
+        50,
+        "echo before"
+    );
+    let foreign_pid = f.pid();
+
+    let mut args = vec!["--postcopy", postcopy, "--json"];
+    let file = rig.dir.path().join("given.json");
+    if let Some(onto) = onto {
+        let out = adopt(&rig, "vm", &f.qmp, &["--dry-run", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let plan: Value = serde_json::from_slice(&out.stdout).expect("plan");
+        let mut def = plan["definition"].clone();
+        def["emulator"] = json!(onto);
+        std::fs::write(&file, def.to_string()).expect("write");
+        args.extend(["--definition", file.to_str().expect("utf8")]);
+    }
+    let out = adopt(&rig, "vm", &f.qmp, &args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "adopt: {}\n{stdout}\nagent log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        tail(&rig.agent_log_text(), 30)
+    );
+    let r: Value = serde_json::from_str(stdout.trim()).expect("adopt --json");
+    eprintln!("ADOPTED {postcopy} dirty={dirty}: {r}");
+    for l in rig.agent_log_text().lines() {
+        if l.contains("copy progress") || l.contains("post-copy") || l.contains("capabilit") {
+            eprintln!("AGENT {l}");
+        }
+    }
+    assert_eq!(r["result"], "success", "{r}");
+    assert_eq!(r["from"]["pid"], foreign_pid, "{r}");
+    assert_eq!(r["postcopy"], postcopy == "always", "{r}");
+    if postcopy == "always" {
+        // Never before the first full pre-copy pass.
+        assert!(r["precopy_passes"].as_u64().unwrap_or(0) >= 2, "{r}");
+    }
+    if let Some(onto) = onto {
+        assert_eq!(r["to"]["emulator"], json!(onto), "{r}");
+    }
+    // Guest RAM was copied: at least the pattern went over the socket.
+    assert!(r["bytes_sent"].as_u64().unwrap_or(0) > 64 << 20, "{r}");
+    // The foreign QEMU quit after Confirm.
+    let t0 = Instant::now();
+    while !matches!(f.child.try_wait(), Ok(Some(_))) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "foreign QEMU still runs"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // An ordinary qlive domain now: its RAM is the agent's memfd, its
+    // NIC a tap of qlive's on br0.
+    let info = rig.info("vm");
+    assert_eq!(info["state"], "running", "{info}");
+    let pid = info["pid"].as_i64().expect("pid") as i32;
+    assert_eq!(rig.qemu_pids(), vec![pid]);
+    let ram = std::fs::read_link(format!("/proc/{pid}/fd/3")).expect("fd 3");
+    assert!(
+        ram.to_string_lossy().starts_with("/memfd:qlive-ram:vm"),
+        "{ram:?}"
+    );
+    let stored: Value = serde_json::from_str(
+        &std::fs::read_to_string(rig.state.join("domains/vm.json")).expect("stored definition"),
+    )
+    .expect("json");
+    let def = &stored["definition"];
+    assert_eq!(def["nics"][0]["mac"], mac, "{def}");
+    assert_eq!(def["nics"][0]["bridge"], "br0", "{def}");
+    let tap = def["nics"][0]["tap"].as_str().expect("tap").to_string();
+    let link = rig.in_netns("ip", &["-o", "link", "show", &tap]);
+    assert!(link.contains("master br0"), "{link}");
+    assert_eq!(
+        udp_echoes(&rig, 50, Duration::from_secs(20)),
+        50,
+        "echo after adoption"
+    );
+
+    // The usual shared-memory upgrade works right after.
+    let hb = rig.wait_heartbeat_past("vm", 0, Duration::from_secs(10));
+    let m = rig.migrate("vm", &["--emulator", then.to_str().expect("utf8")]);
+    eprintln!("UPGRADED: {m}");
+    assert!(m.get("postcopy").is_none(), "{m}");
+    assert!(
+        m["bytes_sent"].as_u64().unwrap_or(u64::MAX) < 16 << 20,
+        "a shared-memory migration sends device state only: {m}"
+    );
+    rig.wait_heartbeat_past("vm", hb.last + 500, Duration::from_secs(30));
+    assert_eq!(
+        udp_echoes(&rig, 50, Duration::from_secs(20)),
+        50,
+        "echo after the upgrade"
+    );
+
+    // The guest's output is one stream across the two consoles: every
+    // heartbeat once, in order, and the memory pattern never failed.
+    let mut all = std::fs::read(&foreign_log).expect("foreign console");
+    all.extend(std::fs::read(rig.console_log("vm")).expect("qlive console"));
+    let hb = Heartbeat::parse(&all);
+    hb.assert_intact("foreign console, then qlive's");
+    let text = String::from_utf8_lossy(&all).into_owned();
+    assert!(!text.contains("GUEST-ERROR"), "{}", tail(&text, 20));
+
+    // Every disk write the guest acknowledged is on the disk.
+    let acked = acked_writes(&text);
+    rig.ok(&["destroy", "vm"]);
+    rig.ok(&["undefine", "vm"]);
+    let g = guest_image();
+    let verify = json!({
+        "name": "verify",
+        "emulator": SYSTEM_QEMU,
+        "accel": "tcg",
+        "memory_mib": 256,
+        "kernel": g.kernel,
+        "initrd": g.initrd,
+        "cmdline": guest_cmdline("qlive.disk_mode=verify"),
+        "disks": [{"path": img, "format": "qcow2", "readonly": true}],
+    });
+    let file = rig.dir.path().join("verify.json");
+    std::fs::write(&file, verify.to_string()).expect("write");
+    rig.ok(&["define", file.to_str().expect("utf8")]);
+    rig.ok(&["start", "verify"]);
+    let line = wait_line(
+        &rig.console_log("verify"),
+        "DISKVERIFY",
+        Duration::from_secs(120),
+    );
+    rig.ok(&["destroy", "verify"]);
+    eprintln!("DISKSTATS acknowledged={acked} {line}");
+    assert!(acked > 100, "too few writes to mean anything: {acked}");
+    assert_eq!(kv(&line, "bad"), 0, "{line}");
+    assert!(
+        kv(&line, "maxseq") >= acked,
+        "write {acked} missing: {line}"
+    );
+}
+
+/// QEMU 7.2 cannot be a post-copy destination under qlive (it needs the
+/// userfaultfd syscall with CAP_SYS_PTRACE); 10.0 opens /dev/userfaultfd.
+/// So the 7.2 guest is adopted straight onto 10.0 by post-copy, while it
+/// dirties memory, and upgraded back to 7.2.
+#[test]
+fn a_hand_started_qemu_7_2_is_adopted_onto_10_0_by_post_copy_and_upgraded_back() {
+    let new = new_qemu();
+    adopt_and_upgrade(
+        Some(32 << 20),
+        Path::new(SYSTEM_QEMU),
+        Some(&new),
+        Path::new(SYSTEM_QEMU),
+        "always",
+        256,
+    );
+}
+
+/// The default policy on an idle guest: pre-copy converges, no post-copy.
+#[test]
+fn a_hand_started_qemu_10_0_is_adopted_by_pre_copy_and_upgraded() {
+    let new = new_qemu();
+    adopt_and_upgrade(None, &new, None, &new, "auto", 0);
 }

@@ -57,19 +57,7 @@ fn wait_console(rig: &Rig, name: &str, prefix: &str, timeout: Duration) -> Strin
 
 /// The last `DISK <seq>` (acknowledged write) on the console.
 fn last_acked(rig: &Rig, name: &str) -> u64 {
-    let text = std::fs::read_to_string(rig.console_log(name)).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| l.strip_prefix("DISK "))
-        .filter_map(|s| s.trim().parse::<u64>().ok())
-        .max()
-        .unwrap_or(0)
-}
-
-fn kv(line: &str, key: &str) -> u64 {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+    acked_writes(&std::fs::read_to_string(rig.console_log(name)).unwrap_or_default())
 }
 
 /// The host side of the echo: one datagram per millisecond, sequence

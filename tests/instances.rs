@@ -48,6 +48,7 @@ async fn two_instances_of_one_domain_do_not_clash() {
         data_dirs: &[],
         nvram: None,
         inherit_firmware: None,
+        ram_block: None,
     };
     // Kills both QEMUs even if an assertion below panics.
     struct Guard(Vec<i32>);

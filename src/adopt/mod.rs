@@ -645,14 +645,23 @@ pub fn check_definition(given: &Definition, learned: &Definition) -> Vec<String>
                 l.mac().into(),
             ),
         }
-        match &g.tap {
-            Some(t) => cmp(&format!("nics[{i}].tap"), t.clone(), l.tap().into()),
-            None => cmp(
+        // The guest moves onto a tap of qlive's (agent::adopt): the tap's
+        // name is the host's choice, the bridge is what the guest's
+        // network depends on.
+        match (&l.tap, &g.tap) {
+            (Some(lt), Some(t)) => cmp(&format!("nics[{i}].tap"), t.clone(), lt.clone()),
+            (Some(lt), None) => cmp(
                 &format!("nics[{i}].tap"),
                 "none (qlive would name one)".into(),
-                l.tap().into(),
+                lt.clone(),
             ),
+            (None, _) => {}
         }
+        cmp(
+            &format!("nics[{i}].bridge"),
+            g.bridge.clone().unwrap_or_else(|| "none".into()),
+            l.bridge.clone().unwrap_or_else(|| "none".into()),
+        );
         cmp(
             &format!("nics[{i}].queues"),
             g.queues().to_string(),

@@ -1,21 +1,96 @@
-//! The `adopt` op: learn a running QEMU that qlive did not start (only the
-//! dry run: the migration into qlive is not implemented yet). The agent
-//! connects to the foreign QEMU's QMP socket, issues query commands only,
-//! disconnects, and keeps nothing: no domain is defined, no state written.
+//! The `adopt` op: take over a running QEMU that qlive did not start
+//! (docs/adopting.md). The agent connects to the foreign QEMU's QMP
+//! socket, learns it with query commands only and disconnects
+//! (`crate::adopt::inspect`). A dry run stops there and keeps nothing.
+//!
+//! Otherwise the learned (or given) definition is stored and the guest is
+//! migrated into a qlive instance by the one migration engine, with guest
+//! RAM copied into a new memfd (`Memory::Copy`, post-copy as asked). The
+//! foreign QEMU is the migration's source: an `Instance` without RAM of
+//! qlive's, reached on its own QMP socket. It quits only after Confirm. A
+//! failure before the switchover leaves it running untouched and removes
+//! the definition again.
+//!
+//! `<run>/domains/<name>/adopting.json` marks an adoption in progress,
+//! from before the definition is stored until the domain is qlive's or
+//! forgotten: `start` refuses the domain meanwhile (its guest runs in the
+//! foreign QEMU), and a restarted agent settles it ([`Agent::settle_adoption`]).
 
-use super::{Agent, AgentError, Run};
-use crate::adopt::{self, refusal_message};
+use super::migrate::DomainHost;
+use super::{Agent, AgentError, Domain, Run};
+use crate::adopt::{self, refusal_message, Refusal};
 use crate::api;
-use crate::domain::definition::valid_name;
+use crate::domain::definition::{valid_name, Accel};
 use crate::domain::{Definition, TableError};
+use crate::instance::cmdline::EffectiveAccel;
+use crate::instance::paths::{domain_run_dir, InstancePaths};
+use crate::instance::process::{Pidfd, ProcessIdentity};
+use crate::instance::{self, DiskId, Foreign, InstanceRecord};
+use crate::migration::engine::{self, Request};
+use crate::migration::job::Job;
+use crate::migration::params::{Memory, Postcopy};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-/// What `adopt` without `dry_run` answers, until the migration exists.
-pub const NOT_IMPLEMENTED: &str =
-    "not implemented yet: adoption migrates the guest; only --dry-run is available";
+/// How to adopt.
+pub struct How {
+    pub dry_run: bool,
+    pub postcopy: Postcopy,
+    /// Bounds the copy's pre-copy (the migration's `timeout_s`).
+    pub timeout: Duration,
+}
+
+/// The marker of an adoption in progress.
+#[derive(Debug, Serialize, Deserialize)]
+struct Marker {
+    /// The foreign QEMU.
+    process: ProcessIdentity,
+    qmp: PathBuf,
+}
+
+fn marker_path(run_dir: &Path, name: &str) -> PathBuf {
+    domain_run_dir(run_dir, name).join("adopting.json")
+}
+
+/// Give each NIC a tap of qlive's own on the bridge the foreign QEMU's tap
+/// is a port of. The foreign tap is single-queue and held by the foreign
+/// QEMU (and goes away with it); qlive's taps are multi-queue with two
+/// sets of queues (docs/devices.md). The guest's MAC stays; the bridge
+/// learns the new port from the destination's announcement after the
+/// switchover. A tap that is no bridge's port (a routed tap, with the
+/// host's addresses on it) is refused: its addresses and routes cannot
+/// move to another device under the guest.
+pub fn onto_qlive_taps(def: &mut Definition) -> Result<(), Vec<Refusal>> {
+    let mut refused = Vec::new();
+    for (i, n) in def.nics.iter_mut().enumerate() {
+        let tap = n.tap().to_string();
+        match crate::instance::tap::bridge_of(&tap) {
+            Ok(Some(br)) => {
+                n.bridge = Some(br);
+                n.tap = None;
+            }
+            Ok(None) => refused.push(Refusal {
+                what: format!("nics[{i}]: tap {tap}"),
+                why: "not a bridge port: the guest moves onto a tap of qlive's on the same \
+                      bridge, and a routed tap's addresses cannot follow it"
+                    .into(),
+            }),
+            Err(e) => refused.push(Refusal {
+                what: format!("nics[{i}]: tap {tap}"),
+                why: format!("cannot read its bridge: {e}"),
+            }),
+        }
+    }
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(refused)
+    }
+}
 
 impl Agent {
     pub(super) async fn adopt(
@@ -23,11 +98,9 @@ impl Agent {
         name: &str,
         qmp: &Path,
         definition: Option<&Value>,
-        dry_run: bool,
-    ) -> Result<api::AdoptPlan, AgentError> {
-        if !dry_run {
-            return Err(AgentError::BadRequest(NOT_IMPLEMENTED.into()));
-        }
+        how: How,
+    ) -> Result<Value, AgentError> {
+        let dry_run = how.dry_run;
         if !valid_name(name) {
             return Err(AgentError::BadRequest(format!(
                 "domain name {name:?} must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}"
@@ -38,7 +111,7 @@ impl Agent {
                 "the QMP socket must be an absolute path (got {qmp:?})"
             )));
         }
-        if self.lookup(name).is_ok() {
+        if self.lookup(name).is_ok() || self.adopting(name) {
             return Err(TableError::NameTaken(name.into()).into());
         }
         let given = definition.map(Definition::from_value).transpose()?;
@@ -77,7 +150,11 @@ impl Agent {
                 );
                 plan.refused = refusals.iter().map(|r| r.to_string()).collect();
             }
-            Ok(learned) => {
+            Ok(mut learned) => {
+                if let Err(r) = onto_qlive_taps(&mut learned.definition) {
+                    plan.refused = r.iter().map(|r| r.to_string()).collect();
+                    return self.refused(plan, dry_run);
+                }
                 let def = match &given {
                     Some(g) => {
                         plan.mismatches = adopt::check_definition(g, &learned.definition);
@@ -87,9 +164,235 @@ impl Agent {
                 };
                 plan.ok = plan.mismatches.is_empty();
                 plan.definition = Some(serde_json::to_value(def).map_err(AgentError::Encode)?);
-                plan.facts = Some(learned.facts);
+                plan.facts = Some(learned.facts.clone());
+                if !dry_run && plan.ok {
+                    let def = def.clone();
+                    let m = self.adopt_into(def, qmp, &learned.facts, &how).await?;
+                    return api::encode(&m).map_err(AgentError::Encode);
+                }
             }
         }
-        Ok(plan)
+        self.refused(plan, dry_run)
+    }
+
+    /// The plan as a dry run's answer, or, for an adoption, the error
+    /// naming what was refused or does not match.
+    fn refused(&self, plan: api::AdoptPlan, dry_run: bool) -> Result<Value, AgentError> {
+        if dry_run {
+            return api::encode(&plan).map_err(AgentError::Encode);
+        }
+        let what = if !plan.refused.is_empty() {
+            format!("cannot adopt: {}", plan.refused.join("; "))
+        } else {
+            format!(
+                "the definition does not match the guest: {}",
+                plan.mismatches.join("; ")
+            )
+        };
+        Err(AgentError::InvalidState(format!(
+            "adopting QEMU pid {} as {}: {what}; nothing was changed",
+            plan.pid, plan.name
+        )))
+    }
+
+    /// Is an adoption of `name` in progress?
+    pub(super) fn adopting(&self, name: &str) -> bool {
+        marker_path(&self.cfg.run_dir, name).exists()
+    }
+
+    /// Store `def`, then migrate the foreign QEMU's guest into a qlive
+    /// instance with RAM copied.
+    async fn adopt_into(
+        self: &Arc<Self>,
+        def: Definition,
+        qmp: &Path,
+        facts: &adopt::AdoptFacts,
+        how: &How,
+    ) -> Result<api::Migrated, AgentError> {
+        let started = Instant::now();
+        let name = def.name.clone();
+        let process = ProcessIdentity::read(facts.pid).map_err(|e| AgentError::Io {
+            what: format!("reading the foreign QEMU pid {}", facts.pid),
+            source: std::io::Error::other(crate::error::chain(&e)),
+        })?;
+        self.create_domain_run_dir(&name)?;
+        let marker = Marker {
+            process: process.clone(),
+            qmp: qmp.to_path_buf(),
+        };
+        let marker_file = marker_path(&self.cfg.run_dir, &name);
+        let bytes = serde_json::to_vec_pretty(&marker).map_err(AgentError::Encode)?;
+        crate::fsutil::write_atomic(&marker_file, &bytes, 0o600).map_err(|source| {
+            AgentError::Io {
+                what: format!("writing {}", marker_file.display()),
+                source,
+            }
+        })?;
+        let dom = match self.define_definition(def) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = crate::fsutil::remove_file_if_exists(&marker_file);
+                return Err(e);
+            }
+        };
+        let prepared = self.foreign_source(&dom, process, qmp, facts).await;
+        let src = match prepared {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                self.forget_adoption(&dom).await;
+                return Err(e);
+            }
+        };
+        let (job, def) = {
+            let mut st = dom.state.lock().await;
+            let job = Arc::new(Job::adoption(super::now_unix()));
+            job.set_source_qmp(src.qmp.clone());
+            st.job = Some(job.clone());
+            st.run = Run::Running(src.clone());
+            (job, st.def.clone())
+        };
+        let host = DomainHost {
+            agent: self.clone(),
+            dom: dom.clone(),
+        };
+        let req = Request {
+            job,
+            src: src.clone(),
+            target: def.emulator.clone(),
+            def,
+            timeout: how.timeout,
+            started,
+            memory: Memory::Copy {
+                postcopy: how.postcopy,
+            },
+        };
+        tracing::info!(domain = %name, pid = src.pid(), postcopy = how.postcopy.as_str(), "adopting");
+        let res = tokio::spawn(async move { engine::migrate(&host, req).await }).await;
+        let mut st = dom.state.lock().await;
+        st.job = None;
+        let ours = matches!(&st.run, Run::Running(i) if i.record.foreign.is_none());
+        drop(st);
+        match res {
+            Ok(Ok(report)) if ours => {
+                let _ = crate::fsutil::remove_file_if_exists(&marker_file);
+                tracing::info!(domain = %name, "adopted");
+                Ok(super::migrate::migrated(report))
+            }
+            other => {
+                self.settle_adoption(&dom).await;
+                let source = match other {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(_)) => crate::migration::MigrationError::Failed {
+                        status: "failed".into(),
+                        detail: "the adopted instance is not the domain's".into(),
+                    },
+                    Err(e) => crate::migration::MigrationError::Failed {
+                        status: "failed".into(),
+                        detail: format!("the migration task failed: {e}"),
+                    },
+                };
+                Err(AgentError::Migration { name, source })
+            }
+        }
+    }
+
+    /// The foreign QEMU as the adoption's source, holding the domain's new
+    /// taps and sockets for the destination.
+    async fn foreign_source(
+        self: &Arc<Self>,
+        dom: &Arc<Domain>,
+        process: ProcessIdentity,
+        qmp: &Path,
+        facts: &adopt::AdoptFacts,
+    ) -> Result<instance::Instance, AgentError> {
+        let def = dom.state.lock().await.def.clone();
+        let taps = self.open_taps(&dom.name, &def).await?;
+        let endpoints = self.bind_endpoints(&def)?;
+        let domid = self.domids.allocate()?;
+        let accel = match def.accel {
+            Accel::Kvm => EffectiveAccel::Kvm,
+            Accel::Tcg | Accel::Auto => EffectiveAccel::Tcg,
+        };
+        let record = InstanceRecord {
+            domid,
+            process,
+            emulator: def.emulator.clone(),
+            // Replaced by what its QMP greeting says.
+            qemu_version: Default::default(),
+            machine: def.machine.clone(),
+            accel,
+            paths: InstancePaths::new(&self.cfg.run_dir, &dom.name, domid),
+            ram_inode: 0,
+            started_at: super::now_unix(),
+            loaded: Vec::new(),
+            firmware: Vec::new(),
+            taps: Vec::new(),
+            tap_queues: Vec::new(),
+            tap_set: 0,
+            disks: def
+                .disks
+                .iter()
+                .filter_map(|d| DiskId::of(&d.path).ok())
+                .collect(),
+            guest_agent: None,
+            vnc: None,
+            user: None,
+            tap_guard: false,
+            tap_offloads: None,
+            ram_block: Some(facts.ram.block.clone()),
+            foreign: Some(Foreign {
+                qmp: qmp.to_path_buf(),
+            }),
+        };
+        instance::adopt_foreign(record, Arc::new(taps), Arc::new(endpoints))
+            .await
+            .map_err(|source| AgentError::Start {
+                name: dom.name.clone(),
+                source,
+            })
+    }
+
+    /// After an adoption that did not make the domain qlive's, or at agent
+    /// start with its marker found: a domain whose guest still runs in the
+    /// foreign QEMU (the adoption failed before the switchover, or never
+    /// began) is forgotten again, its definition removed; one whose
+    /// foreign QEMU is gone stays defined, shut off; a crashed one stays
+    /// crashed; an unreachable one keeps the marker for the next start.
+    pub(super) async fn settle_adoption(self: &Arc<Self>, dom: &Arc<Domain>) {
+        let marker_file = marker_path(&self.cfg.run_dir, &dom.name);
+        let marker: Option<Marker> = std::fs::read(&marker_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let mut st = dom.state.lock().await;
+        match &st.run {
+            Run::Running(i) if i.record.foreign.is_none() => {}
+            Run::Unreachable { .. } => return,
+            Run::Crashed { .. } => {}
+            Run::Running(_) | Run::ShutOff { .. } => {
+                let foreign_alive = marker
+                    .as_ref()
+                    .is_some_and(|m| Pidfd::adopt(&m.process).is_ok_and(|p| !p.exited()));
+                if foreign_alive || marker.is_none() {
+                    // The guest is the foreign QEMU's, as before.
+                    st.run = Run::ShutOff {
+                        reason: "adoption failed".into(),
+                    };
+                    if let Err(e) = self.forget(dom.as_ref(), &mut st) {
+                        tracing::error!(domain = %dom.name, "forgetting the failed adoption: {}", crate::error::chain(&e));
+                    }
+                    tracing::info!(domain = %dom.name, "adoption undone: the guest runs on in its own QEMU");
+                    return;
+                }
+            }
+        }
+        let _ = crate::fsutil::remove_file_if_exists(&marker_file);
+    }
+
+    /// Undo an adoption that failed before its migration began.
+    async fn forget_adoption(self: &Arc<Self>, dom: &Arc<Domain>) {
+        let mut st = dom.state.lock().await;
+        if let Err(e) = self.forget(dom.as_ref(), &mut st) {
+            tracing::error!(domain = %dom.name, "forgetting the failed adoption: {}", crate::error::chain(&e));
+        }
     }
 }

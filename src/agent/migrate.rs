@@ -18,6 +18,7 @@ use crate::instance::{self, Instance, SpawnSpec};
 use crate::metrics::MigrationResult;
 use crate::migration::engine::{self, Host, Request};
 use crate::migration::job::Job;
+use crate::migration::params::Memory;
 use crate::migration::MigrationError;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -65,6 +66,7 @@ impl Host for DomainHost {
         paths: InstancePaths,
         src: &Instance,
         info: &EmulatorInfo,
+        memory: Memory,
     ) -> Result<Instance, MigrationError> {
         let console_log = self.agent.console_log(&self.dom.name);
         crate::fsutil::ensure_regular_or_absent(&console_log).map_err(|source| {
@@ -81,6 +83,34 @@ impl Host for DomainHost {
         // the same file (its spawn fails, naming it, if it is gone).
         let nvram = (def.firmware == crate::domain::definition::Firmware::Uefi)
             .then(|| self.agent.nvram_path(&self.dom.name));
+        // A copy migration's destination gets RAM of its own, as the
+        // definition describes it (huge pages or not); the source's memfd
+        // goes with the source.
+        let ram = match (&src.ram, memory) {
+            (Some(r), Memory::Shared) => r.clone(),
+            (None, Memory::Shared) => {
+                return Err(MigrationError::SpawnDestination(
+                    crate::instance::InstanceError::NotForeign { domid: src.domid() },
+                ))
+            }
+            (_, Memory::Copy { .. }) => {
+                let spawn_err = |e: crate::instance::memory::MemoryError| {
+                    MigrationError::SpawnDestination(e.into())
+                };
+                if let Some(h) = def.hugepages {
+                    crate::instance::memory::check_huge_pages(h, def.memory_bytes())
+                        .map_err(spawn_err)?;
+                }
+                Arc::new(
+                    crate::instance::memory::GuestRam::create(
+                        &self.dom.name,
+                        def.memory_bytes(),
+                        def.hugepages,
+                    )
+                    .map_err(spawn_err)?,
+                )
+            }
+        };
         // The destination reads the taps' other set of queues.
         let tap_set = src.tap_set() ^ 1;
         for t in src.taps.iter() {
@@ -94,7 +124,7 @@ impl Host for DomainHost {
             paths,
             console_log: &console_log,
             mode: StartMode::Incoming,
-            ram: src.ram.clone(),
+            ram,
             taps: src.taps.clone(),
             tap_set,
             endpoints: src.endpoints.clone(),
@@ -103,9 +133,18 @@ impl Host for DomainHost {
             data_dirs: &info.data_dirs,
             nvram: nvram.as_deref(),
             inherit_firmware: Some(src.running_firmware()),
+            ram_block: src.record.ram_block.clone(),
         })
         .await
         .map_err(MigrationError::SpawnDestination)
+        .inspect(|dst| {
+            // A foreign source has none of the domain's taps (they are
+            // new): nobody else configures them, so the destination's tap
+            // ioctls run from the start.
+            if src.record.foreign.is_some() {
+                dst.set_tap_owner(true);
+            }
+        })
     }
 
     fn insert_remote(&self, dst: Arc<Instance>) -> Result<(), TableError> {
@@ -119,6 +158,17 @@ impl Host for DomainHost {
     async fn commit(&self, inst: &Arc<Instance>) -> bool {
         let mut st = self.dom.state.lock().await;
         self.agent.table().take_remote(&self.dom.name);
+        if inst.record.foreign.is_some() {
+            // An adoption that kept its source: the guest runs on in the
+            // QEMU qlive did not start, which qlive lets go of (its QMP
+            // connection closes with the instance); the adoption settles
+            // the domain (agent::adopt).
+            st.run = Run::ShutOff {
+                reason: "adoption failed: the guest runs on in the QEMU it was to be adopted from"
+                    .into(),
+            };
+            return true;
+        }
         if matches!(&st.run, Run::Running(cur) if cur.domid() == inst.domid()) {
             return true;
         }
@@ -231,6 +281,7 @@ impl Agent {
         name: &str,
         emulator: Option<PathBuf>,
         timeout: Duration,
+        memory: Memory,
     ) -> Result<api::Migrated, AgentError> {
         let started = Instant::now();
         let dom = self.lookup(name)?;
@@ -278,6 +329,7 @@ impl Agent {
             target,
             timeout,
             started,
+            memory,
         };
         let src_record = req.src.record.clone();
         let handle = tokio::spawn(async move { engine::migrate(&host, req).await });
@@ -376,7 +428,7 @@ impl Agent {
 }
 
 /// The engine's report as the `migrate` call answers it.
-fn migrated(r: engine::Report) -> api::Migrated {
+pub(super) fn migrated(r: engine::Report) -> api::Migrated {
     let side = |s: engine::SideReport| api::InstanceSide {
         domid: s.domid,
         pid: s.pid,
@@ -402,6 +454,8 @@ fn migrated(r: engine::Report) -> api::Migrated {
             bytes_sent: r.bytes_sent,
             completion_to_cont_us: r.completion_to_cont_us,
             total_ms: r.total_ms,
+            postcopy: r.copied.then_some(r.postcopy),
+            precopy_passes: r.precopy_passes,
         },
     }
 }

@@ -10,6 +10,7 @@ use crate::instance::cmdline::{EffectiveAccel, StartMode};
 use crate::instance::memory::GuestRam;
 use crate::instance::paths::InstancePaths;
 use crate::instance::{self, Instance, SpawnSpec};
+use crate::migration::params::Memory;
 use serde_json::Value;
 use std::path::Path;
 use std::sync::Arc;
@@ -53,10 +54,23 @@ impl Agent {
                 name,
                 emulator,
                 timeout_s,
+                copy_memory,
+                postcopy,
             } => {
                 let timeout =
                     Duration::from_secs(bounded_timeout(timeout_s, DEFAULT_MIGRATE_TIMEOUT_S)?);
-                answer(&self.migrate(&name, emulator, timeout).await?)
+                let memory = match (copy_memory, postcopy) {
+                    (false, None) => Memory::Shared,
+                    (false, Some(_)) => {
+                        return Err(AgentError::BadRequest(
+                            "postcopy applies only with copy_memory: a shared-memory migration sends no RAM".into(),
+                        ))
+                    }
+                    (true, p) => Memory::Copy {
+                        postcopy: p.unwrap_or_default(),
+                    },
+                };
+                answer(&self.migrate(&name, emulator, timeout, memory).await?)
             }
             Request::Job { name } => answer(&self.job(&name).await?),
             Request::Abort { name } => answer(&self.abort(&name).await?),
@@ -82,11 +96,18 @@ impl Agent {
                 qmp,
                 definition,
                 dry_run,
-            } => answer(
-                &self
-                    .adopt(&name, &qmp, definition.as_ref(), dry_run)
-                    .await?,
-            ),
+                postcopy,
+                timeout_s,
+            } => {
+                let timeout =
+                    Duration::from_secs(bounded_timeout(timeout_s, DEFAULT_MIGRATE_TIMEOUT_S)?);
+                let how = super::adopt::How {
+                    dry_run,
+                    postcopy: postcopy.unwrap_or_default(),
+                    timeout,
+                };
+                self.adopt(&name, &qmp, definition.as_ref(), how).await
+            }
             // Streaming; handled by the server before it gets here.
             Request::Console { .. } => Err(AgentError::InvalidState(
                 "console is a streaming call".into(),
@@ -174,7 +195,20 @@ impl Agent {
     }
 
     async fn define(self: &Arc<Self>, v: &Value) -> Result<api::Defined, AgentError> {
-        let mut def = Definition::from_value(v)?;
+        let def = Definition::from_value(v)?;
+        let dom = self.define_definition(def)?;
+        Ok(api::Defined {
+            name: dom.name.clone(),
+            uuid: dom.uuid,
+        })
+    }
+
+    /// Complete, check and store `def` as a new domain (define, and
+    /// adoption before its migration).
+    pub(super) fn define_definition(
+        self: &Arc<Self>,
+        mut def: Definition,
+    ) -> Result<Arc<Domain>, AgentError> {
         // The emulator must exist now; it is checked again at every start.
         crate::instance::probe::check_executable(&def.emulator).map_err(|e| {
             DefinitionError::Invalid {
@@ -223,10 +257,7 @@ impl Agent {
         drop(table);
         dom.follow_console(&self.console_log(&def.name));
         tracing::info!(domain = %def.name, %uuid, %mcs, "defined");
-        Ok(api::Defined {
-            name: def.name,
-            uuid,
-        })
+        Ok(dom)
     }
 
     async fn undefine(self: &Arc<Self>, name: &str) -> Result<api::Undefined, AgentError> {
@@ -258,6 +289,20 @@ impl Agent {
             }
             Run::ShutOff { .. } => {}
         }
+        self.forget(dom.as_ref(), &mut st)?;
+        tracing::info!(domain = %dom.name, "undefined");
+        Ok(api::Undefined {
+            name: dom.name.clone(),
+        })
+    }
+
+    /// Remove a shut-off domain: its stored definition, table entry, labels,
+    /// console log, NVRAM and run directory.
+    pub(super) fn forget(
+        &self,
+        dom: &Domain,
+        st: &mut super::DomainState,
+    ) -> Result<(), AgentError> {
         self.store.remove(&dom.name)?;
         self.table().remove(&dom.name)?;
         self.release_mcs(&dom.name);
@@ -271,10 +316,7 @@ impl Agent {
             &self.cfg.run_dir,
             &dom.name,
         ));
-        tracing::info!(domain = %dom.name, "undefined");
-        Ok(api::Undefined {
-            name: dom.name.clone(),
-        })
+        Ok(())
     }
 
     async fn start(self: &Arc<Self>, name: &str) -> Result<api::Started, AgentError> {
@@ -284,6 +326,14 @@ impl Agent {
             return Err(crate::domain::TableError::NotFound(name.into()).into());
         }
         st.check_no_job(&dom.name)?;
+        // Its guest runs in the QEMU being adopted: a start would boot a
+        // second one on the same disks.
+        if self.adopting(&dom.name) {
+            return Err(AgentError::Busy(format!(
+                "domain {} is being adopted from a running QEMU",
+                dom.name
+            )));
+        }
         if let Run::Unreachable { reason, .. } = &st.run {
             return Err(AgentError::InvalidState(format!(
                 "a QEMU of domain {} may still run but the agent could not take it over ({reason}); `qlive destroy {}` kills it",
@@ -375,34 +425,7 @@ impl Agent {
         );
         // The taps live as long as this run of the domain: every instance
         // gets the same fds, so a migration never recreates the device.
-        let mut taps = Vec::with_capacity(st.def.nics.len());
-        if !st.def.nics.is_empty() {
-            // The taps keep their steering there (instance::tap).
-            self.create_domain_run_dir(&dom.name)?;
-        }
-        for (i, n) in st.def.nics.iter().enumerate() {
-            // A stop or destroy just before this start: the last holders
-            // of the previous run's taps (its instance, the tasks that
-            // watched it) let go of them asynchronously. Give them a
-            // moment before calling the tap another process's.
-            let t0 = std::time::Instant::now();
-            while crate::instance::tap::attached(n.tap())
-                && t0.elapsed() < std::time::Duration::from_secs(5)
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            let state = crate::instance::tap::steering_file(
-                &crate::instance::paths::domain_run_dir(&self.cfg.run_dir, &dom.name),
-                i,
-            );
-            let tap =
-                crate::instance::tap::Tap::open(n.tap(), n.bridge.as_deref(), n.queues(), state)
-                    .map_err(|e| AgentError::Start {
-                        name: dom.name.clone(),
-                        source: e.into(),
-                    })?;
-            taps.push(tap);
-        }
+        let taps = self.open_taps(&dom.name, &st.def).await?;
         let taps = Arc::new(taps);
         let endpoints = Arc::new(self.bind_endpoints(&st.def)?);
         let domid = match self.domids.allocate() {
@@ -445,6 +468,7 @@ impl Agent {
             data_dirs: &info.data_dirs,
             nvram: nvram.as_deref(),
             inherit_firmware: None,
+            ram_block: None,
         })
         .await
         .map_err(|source| {
@@ -484,9 +508,47 @@ impl Agent {
         })
     }
 
+    /// The domain's taps for a new run (a start, or an adoption), with
+    /// their steering state in the domain's run directory.
+    pub(super) async fn open_taps(
+        &self,
+        name: &str,
+        def: &Definition,
+    ) -> Result<Vec<crate::instance::tap::Tap>, AgentError> {
+        let mut taps = Vec::with_capacity(def.nics.len());
+        if !def.nics.is_empty() {
+            // The taps keep their steering there (instance::tap).
+            self.create_domain_run_dir(name)?;
+        }
+        for (i, n) in def.nics.iter().enumerate() {
+            // A stop or destroy just before this start: the last holders
+            // of the previous run's taps (its instance, the tasks that
+            // watched it) let go of them asynchronously. Give them a
+            // moment before calling the tap another process's.
+            let t0 = std::time::Instant::now();
+            while crate::instance::tap::attached(n.tap())
+                && t0.elapsed() < std::time::Duration::from_secs(5)
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            let state = crate::instance::tap::steering_file(
+                &crate::instance::paths::domain_run_dir(&self.cfg.run_dir, name),
+                i,
+            );
+            let tap =
+                crate::instance::tap::Tap::open(n.tap(), n.bridge.as_deref(), n.queues(), state)
+                    .map_err(|e| AgentError::Start {
+                        name: name.to_string(),
+                        source: e.into(),
+                    })?;
+            taps.push(tap);
+        }
+        Ok(taps)
+    }
+
     /// The domain's stable sockets for a new run (crate::instance::endpoint):
     /// bound now, before any instance, in the domain's run directory.
-    fn bind_endpoints(
+    pub(super) fn bind_endpoints(
         &self,
         def: &Definition,
     ) -> Result<crate::instance::endpoint::Endpoints, AgentError> {
@@ -539,7 +601,7 @@ impl Agent {
     /// The domain's run directory (stable sockets, tap steering): 0711
     /// when QEMU runs as a user (it reaches its instance directory), 0700
     /// otherwise; an existing one is kept.
-    fn create_domain_run_dir(&self, name: &str) -> Result<(), AgentError> {
+    pub(super) fn create_domain_run_dir(&self, name: &str) -> Result<(), AgentError> {
         let dir = crate::instance::paths::domain_run_dir(&self.cfg.run_dir, name);
         let mode = if self.qemu_user.is_some() {
             0o711

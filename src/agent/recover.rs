@@ -80,6 +80,11 @@ pub(super) async fn recover(agent: &Arc<Agent>) -> Result<(), AgentError> {
         if let Some(keep) = adopted.keep() {
             sweep_strays(agent, &name, keep).await;
         }
+        // An adoption was under way: the domain is qlive's now, or its
+        // guest runs on in the foreign QEMU and the domain is forgotten.
+        if agent.adopting(&name) {
+            agent.settle_adoption(&dom).await;
+        }
     }
     Ok(())
 }

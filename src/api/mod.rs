@@ -62,6 +62,13 @@ pub enum Request {
         emulator: Option<std::path::PathBuf>,
         #[serde(default)]
         timeout_s: Option<u64>,
+        /// Copy guest RAM into a new memfd made as the definition says
+        /// (for example onto huge pages) instead of sharing it.
+        #[serde(default)]
+        copy_memory: bool,
+        /// With `copy_memory`: when to switch to post-copy (default auto).
+        #[serde(default)]
+        postcopy: Option<crate::migration::params::Postcopy>,
     },
     /// The domain's current job (null when none); read-only.
     Job { name: String },
@@ -104,6 +111,12 @@ pub enum Request {
         definition: Option<Value>,
         #[serde(default)]
         dry_run: bool,
+        /// When the adoption's copy switches to post-copy (default auto).
+        #[serde(default)]
+        postcopy: Option<crate::migration::params::Postcopy>,
+        /// Bounds the copy's pre-copy (default 300 s).
+        #[serde(default)]
+        timeout_s: Option<u64>,
     },
 }
 

@@ -370,6 +370,14 @@ pub struct MigrationStats {
     pub completion_to_cont_us: u64,
     /// From the request's arrival to the end of Confirm, rounded to µs.
     pub total_ms: f64,
+    /// A copy migration (adoption, `--copy-memory`): whether it switched
+    /// over by post-copy. Absent for shared-memory migrations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<bool>,
+    /// A copy migration's pre-copy passes (QEMU's dirty-sync-count when
+    /// post-copy started or the copy completed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precopy_passes: Option<u64>,
 }
 
 /// `migrate.from` and `.to`: the source and destination instance.
@@ -758,6 +766,8 @@ mod tests {
             bytes_sent: Some(210100),
             completion_to_cont_us: 6705,
             total_ms: 118.628,
+            postcopy: None,
+            precopy_passes: None,
         };
         let answer = Migrated {
             result: MigrateResult::Success,

@@ -92,6 +92,14 @@ pub enum Command {
         /// Cancel the migration if it has not completed after S seconds.
         #[arg(long, default_value_t = crate::api::DEFAULT_MIGRATE_TIMEOUT_S)]
         timeout: u64,
+        /// Copy guest RAM into new memory made as the definition says now
+        /// (for example onto huge pages) instead of sharing it.
+        #[arg(long)]
+        copy_memory: bool,
+        /// With --copy-memory: when to switch to post-copy (auto, always:
+        /// after the first full pre-copy pass; never).
+        #[arg(long, requires = "copy_memory")]
+        postcopy: Option<crate::migration::params::Postcopy>,
     },
     /// Show a domain's current job (phase, elapsed, bytes, target).
     Job {
@@ -159,7 +167,17 @@ pub enum Command {
         /// Learn and check only; nothing is migrated or stored.
         #[arg(long)]
         dry_run: bool,
-        /// Print the whole answer (definition, facts, refusals) as JSON.
+        /// When the copy of guest RAM switches to post-copy: auto (when
+        /// pre-copy does not converge), always (after the first full
+        /// pre-copy pass), never. Once post-copy has started, the guest
+        /// is lost if either QEMU dies (docs/adopting.md).
+        #[arg(long, default_value = "auto", conflicts_with = "dry_run")]
+        postcopy: crate::migration::params::Postcopy,
+        /// Cancel the copy if pre-copy has not completed (or switched to
+        /// post-copy) after S seconds; the guest runs on untouched.
+        #[arg(long, default_value_t = crate::api::DEFAULT_MIGRATE_TIMEOUT_S)]
+        timeout: u64,
+        /// Print the whole answer as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -218,8 +236,20 @@ pub async fn run(cli: Cli) -> i32 {
             qmp,
             definition,
             dry_run,
+            postcopy,
+            timeout,
             json,
-        } => adopt(&cli.socket, name, qmp, definition, dry_run, json).await,
+        } => {
+            let req = Request::Adopt {
+                name,
+                qmp: std::path::absolute(&qmp).unwrap_or(qmp),
+                definition: None,
+                dry_run,
+                postcopy: Some(postcopy),
+                timeout_s: Some(timeout),
+            };
+            adopt(&cli.socket, req, definition, json).await
+        }
         Command::Upgrade {
             names,
             all,
@@ -264,12 +294,16 @@ pub async fn run(cli: Cli) -> i32 {
                     emulator,
                     json,
                     timeout,
+                    copy_memory,
+                    postcopy,
                 } => (
                     Request::Migrate {
                         name,
                         // The agent runs elsewhere: resolve against our cwd.
                         emulator: emulator.map(|p| std::path::absolute(&p).unwrap_or(p)),
                         timeout_s: Some(timeout),
+                        copy_memory,
+                        postcopy,
                     },
                     if json { Show::JsonLine } else { Show::Migrated },
                 ),
@@ -350,29 +384,41 @@ fn read_definition(file: &Path) -> Result<serde_json::Value, String> {
     serde_json::from_slice(&buf).map_err(|e| format!("{}: not valid JSON: {e}", file.display()))
 }
 
-/// `qlive adopt`: exit 0 learned (and matching), 1 refused, mismatching
-/// or failed, 2 usage or agent unreachable.
-async fn adopt(
-    socket: &Path,
-    name: String,
-    qmp: PathBuf,
-    definition: Option<PathBuf>,
-    dry_run: bool,
-    json: bool,
-) -> i32 {
-    let definition = match definition.as_deref().map(read_definition).transpose() {
+/// `qlive adopt`: exit 0 learned (and matching) or adopted, 1 refused,
+/// mismatching or failed, 2 usage or agent unreachable.
+async fn adopt(socket: &Path, mut req: Request, file: Option<PathBuf>, json: bool) -> i32 {
+    let def = match file.as_deref().map(read_definition).transpose() {
         Ok(d) => d,
         Err(e) => {
             eprintln!("qlive: {e}");
             return 2;
         }
     };
-    let req = Request::Adopt {
-        name,
-        qmp: std::path::absolute(&qmp).unwrap_or(qmp),
-        definition,
+    let Request::Adopt {
         dry_run,
+        definition,
+        ..
+    } = &mut req
+    else {
+        return 2;
     };
+    *definition = def;
+    if !*dry_run {
+        let show = if json { Show::JsonLine } else { Show::Migrated };
+        return match client::call(socket, &req)
+            .await
+            .and_then(|v| show.render(&req, v))
+        {
+            Ok(out) => {
+                print!("{out}");
+                0
+            }
+            Err(e) => {
+                eprintln!("qlive: {}", crate::error::chain(&e));
+                exit_code(&e)
+            }
+        };
+    }
     let plan = match client::call(socket, &req).await.and_then(|v| {
         let raw = v.clone();
         client::decode_result::<crate::api::AdoptPlan>(&req, v).map(|p| (p, raw))

@@ -140,6 +140,7 @@ pub fn build(
     accel: EffectiveAccel,
     paths: &InstancePaths,
     mode: StartMode,
+    ram_id: &str,
 ) -> Vec<OsString> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |s: &[&str]| a.extend(s.iter().map(|x| x.to_string()));
@@ -147,7 +148,7 @@ pub fn build(
     if let Some(u) = def.uuid {
         push(&["-uuid", &u.to_string()]);
     }
-    let mut machine_opts = format!("{machine},memory-backend={RAM_ID}");
+    let mut machine_opts = format!("{machine},memory-backend={ram_id}");
     if def.firmware == Firmware::Uefi {
         machine_opts.push_str(&format!(",pflash0={FW_CODE_NODE},pflash1={NVRAM_NODE}"));
         if def.secure_boot {
@@ -171,7 +172,7 @@ pub fn build(
     push(&[
         "-object",
         &format!(
-            "memory-backend-file,id={RAM_ID},size={}M,mem-path=/proc/self/fd/{GUEST_RAM_FD},share=on",
+            "memory-backend-file,id={ram_id},size={}M,mem-path=/proc/self/fd/{GUEST_RAM_FD},share=on",
             def.memory_mib
         ),
     ]);
@@ -393,6 +394,7 @@ mod tests {
             EffectiveAccel::Tcg,
             &p,
             StartMode::Boot,
+            RAM_ID,
         ));
         let j = a.join(" ");
         assert!(j.contains("mem-path=/proc/self/fd/3,share=on"), "{j}");
@@ -445,6 +447,7 @@ mod tests {
             EffectiveAccel::Tcg,
             &p,
             StartMode::Boot,
+            RAM_ID,
         ))
         .join(" ")
     }
@@ -513,6 +516,7 @@ mod tests {
             EffectiveAccel::Tcg,
             &p1,
             StartMode::Boot,
+            RAM_ID,
         ));
         let b = s(&build(
             &def(),
@@ -520,6 +524,7 @@ mod tests {
             EffectiveAccel::Tcg,
             &p2,
             StartMode::Incoming,
+            RAM_ID,
         ));
         let b_wo: Vec<_> = b
             .iter()
@@ -535,6 +540,25 @@ mod tests {
     }
 
     #[test]
+    fn an_adopted_domain_keeps_its_ram_block_name() {
+        let p = InstancePaths::new(Path::new("/run/q"), "vm", 5);
+        let j = s(&build(
+            &def(),
+            "pc-q35-7.2",
+            EffectiveAccel::Tcg,
+            &p,
+            StartMode::Incoming,
+            "pc.ram",
+        ))
+        .join(" ");
+        assert!(
+            j.contains("-machine pc-q35-7.2,memory-backend=pc.ram"),
+            "{j}"
+        );
+        assert!(j.contains("memory-backend-file,id=pc.ram,"), "{j}");
+    }
+
+    #[test]
     fn commas_in_paths_are_escaped() {
         let p = InstancePaths::new(Path::new("/run/a,b"), "vm", 1);
         let j = s(&build(
@@ -543,6 +567,7 @@ mod tests {
             EffectiveAccel::Tcg,
             &p,
             StartMode::Boot,
+            RAM_ID,
         ))
         .join(" ");
         assert!(j.contains("path=/run/a,,b/domains/vm/1/qmp.sock"), "{j}");

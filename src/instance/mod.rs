@@ -41,6 +41,8 @@ use tap::{Tap, TapError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
+    #[error("the record of domid {domid} is not a foreign QEMU's")]
+    NotForeign { domid: u64 },
     #[error("socket path {path} is over the {limit}-byte limit of unix sockets; use a shorter --run-dir")]
     PathTooLong { path: PathBuf, limit: usize },
     #[error("creating instance directory {path}")]
@@ -187,6 +189,30 @@ pub struct InstanceRecord {
     /// probes with it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tap_offloads: Option<tap::TapOffloads>,
+    /// The guest RAM block's name in the migration stream (the memory
+    /// backend's id): `cmdline::RAM_ID` unless the domain was adopted from
+    /// a QEMU that named it otherwise (`pc.ram`). Every destination
+    /// inherits it: blocks are matched by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_block: Option<String>,
+    /// A QEMU that qlive did not start, being adopted (the source of the
+    /// adoption's migration): its own QMP socket; it holds none of the
+    /// domain's memfd, taps or sockets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub foreign: Option<Foreign>,
+}
+
+/// How the agent reaches a foreign QEMU (see [`InstanceRecord::foreign`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Foreign {
+    pub qmp: PathBuf,
+}
+
+impl InstanceRecord {
+    /// The RAM block's name (see [`InstanceRecord::ram_block`]).
+    pub fn ram_block(&self) -> &str {
+        self.ram_block.as_deref().unwrap_or(cmdline::RAM_ID)
+    }
 }
 
 fn is_zero(v: &u8) -> bool {
@@ -198,7 +224,9 @@ pub struct Instance {
     pub record: InstanceRecord,
     pub qmp: Arc<Qmp>,
     pub pidfd: Arc<Pidfd>,
-    pub ram: Arc<GuestRam>,
+    /// The domain's guest RAM; None only for a foreign QEMU being adopted
+    /// (its RAM is its own, and the adoption copies it).
+    pub ram: Option<Arc<GuestRam>>,
     /// The domain's taps, shared with every instance like `ram`.
     pub taps: Arc<Vec<Tap>>,
     /// The domain's stable sockets, shared the same way.
@@ -240,6 +268,9 @@ pub struct SpawnSpec<'a> {
     /// ROM contents come with the migration stream). None: a cold boot,
     /// record what this QEMU loads.
     pub inherit_firmware: Option<Vec<files::FileId>>,
+    /// The RAM block's name (see [`InstanceRecord::ram_block`]); None:
+    /// `cmdline::RAM_ID`.
+    pub ram_block: Option<String>,
 }
 
 fn now_unix() -> u64 {
@@ -357,7 +388,8 @@ pub async fn spawn(spec: SpawnSpec<'_>) -> Result<Instance, InstanceError> {
 async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
     let paths = &spec.paths;
     let emulator = spec.def.emulator.clone();
-    let args = cmdline::build(spec.def, spec.machine, spec.accel, paths, spec.mode);
+    let ram_id = spec.ram_block.as_deref().unwrap_or(cmdline::RAM_ID);
+    let args = cmdline::build(spec.def, spec.machine, spec.accel, paths, spec.mode, ram_id);
     // The console log, opened here and passed (see cmdline): never through
     // a link, never a FIFO or device.
     let console = fsutil::open_log_nofollow(spec.console_log, false).map_err(|e| {
@@ -662,6 +694,8 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
             user: spec.run_as.map(|u| u.name.clone()),
             tap_guard: tap_guard.is_some(),
             tap_offloads,
+            ram_block: spec.ram_block.clone(),
+            foreign: None,
         };
         Ok::<_, InstanceError>((record, qmp))
     };
@@ -670,7 +704,7 @@ async fn spawn_in_dir(spec: &SpawnSpec<'_>) -> Result<Instance, InstanceError> {
             record,
             qmp: Arc::new(qmp),
             pidfd: Arc::new(pidfd),
-            ram: spec.ram.clone(),
+            ram: Some(spec.ram.clone()),
             taps: spec.taps.clone(),
             endpoints: spec.endpoints.clone(),
             tap_guard,
@@ -881,6 +915,9 @@ pub fn read_pidfile(path: &Path) -> io::Result<i32> {
 /// `owner`: whether it ran the guest when the agent stopped, as far as the
 /// caller knows (see the tap guard below).
 pub async fn adopt(record: InstanceRecord, owner: bool) -> Result<Instance, InstanceError> {
+    if record.foreign.is_some() {
+        return adopt_foreign(record, Arc::default(), Arc::default()).await;
+    }
     let pidfd = Pidfd::adopt(&record.process)?;
     let ram = GuestRam::recover(record.process.pid, record.ram_inode)?;
     // An older qlive's record has no queue layout: one single-queue tap
@@ -969,10 +1006,46 @@ pub async fn adopt(record: InstanceRecord, owner: bool) -> Result<Instance, Inst
         record,
         qmp: Arc::new(qmp),
         pidfd: Arc::new(pidfd),
-        ram: Arc::new(ram),
+        ram: Some(Arc::new(ram)),
         taps,
         endpoints: Arc::new(Endpoints { guest_agent, vnc }),
         tap_guard,
+        exit_intent: Default::default(),
+    })
+}
+
+/// A foreign QEMU (one qlive did not start) as the source of its adoption:
+/// its process (pidfd, start time checked) and its own QMP socket. `taps`
+/// and `endpoints` are the ones the agent made for the domain, which the
+/// destination will get; the foreign QEMU holds none of them (recovery
+/// passes empty ones: the destination holds them by then).
+pub async fn adopt_foreign(
+    record: InstanceRecord,
+    taps: Arc<Vec<Tap>>,
+    endpoints: Arc<Endpoints>,
+) -> Result<Instance, InstanceError> {
+    let Some(foreign) = &record.foreign else {
+        return Err(InstanceError::NotForeign {
+            domid: record.domid,
+        });
+    };
+    let pidfd = Pidfd::adopt(&record.process)?;
+    let qmp = Qmp::connect(&foreign.qmp)
+        .await
+        .map_err(|source| InstanceError::Qmp {
+            domid: record.domid,
+            source,
+        })?;
+    let mut record = record;
+    record.qemu_version = qmp.version().clone();
+    Ok(Instance {
+        record,
+        qmp: Arc::new(qmp),
+        pidfd: Arc::new(pidfd),
+        ram: None,
+        taps,
+        endpoints,
+        tap_guard: None,
         exit_intent: Default::default(),
     })
 }

@@ -212,12 +212,15 @@ struct TunInfo {
     multi_queue: bool,
     /// Attached queues.
     queues: u32,
+    /// The ifindex of the bridge (or other master) the device is a port of.
+    master: Option<u32>,
 }
 
 const RTM_GETLINK: u16 = 18;
 const RTM_NEWLINK: u16 = 16;
 const NLMSG_ERROR: u16 = 2;
 const IFLA_IFNAME: u16 = 3;
+const IFLA_MASTER: u16 = 10;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_INFO_KIND: u16 = 1;
 const IFLA_INFO_DATA: u16 = 2;
@@ -298,8 +301,12 @@ fn tun_info(name: &str) -> io::Result<Option<TunInfo>> {
     let mut info = TunInfo {
         multi_queue: false,
         queues: 0,
+        master: None,
     };
     for (t, v) in attrs(&b[32..len]) {
+        if let (IFLA_MASTER, [a, b, c, d]) = (t, v) {
+            info.master = Some(u32::from_ne_bytes([*a, *b, *c, *d]));
+        }
         if t != IFLA_LINKINFO {
             continue;
         }
@@ -323,6 +330,31 @@ fn tun_info(name: &str) -> io::Result<Option<TunInfo>> {
         }
     }
     Ok(Some(info))
+}
+
+/// The bridge interface `name` is a port of, in the agent's network
+/// namespace (rtnetlink: sysfs may show another namespace's devices).
+/// `Ok(None)`: not a port of anything; an error when there is no such
+/// interface.
+pub fn bridge_of(name: &str) -> io::Result<Option<String>> {
+    let Some(info) = tun_info(name)? else {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no interface {name}"),
+        ));
+    };
+    let Some(index) = info.master else {
+        return Ok(None);
+    };
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes into buf.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: on success buf holds a NUL-terminated name.
+    let n = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Ok(Some(n.to_string_lossy().into_owned()))
 }
 
 /// Does tap `name` exist with queues attached (by this agent's previous

@@ -28,9 +28,10 @@
 // costs nothing worth a box.
 #![allow(clippy::result_large_err)]
 
+use super::copy;
 use super::hooks::{self, HookEnv};
 use super::job::{Job, TargetInfo};
-use super::params::{self, Side};
+use super::params::{self, Memory, Side};
 use super::phase::{job_path, JobFile, Outcome, Phase, PhaseName};
 use super::preflight::{self, PreflightError};
 use super::recovery::{self, Decision, Observed};
@@ -58,6 +59,9 @@ pub const TEST_PAUSE_ENV: &str = "QLIVE_TEST_PAUSE_AT";
 /// How long the destination may take to report the incoming state loaded
 /// once the source completed.
 const INCOMING_WAIT: Duration = Duration::from_secs(30);
+/// How long recovery waits for a post-copy it found under way to send its
+/// last pages (it sends at full speed: seconds per GiB here).
+const POSTCOPY_RECOVERY_WAIT: Duration = Duration::from_secs(600);
 
 /// What the engine needs from the agent, for one domain.
 pub trait Host: Send + Sync {
@@ -74,7 +78,8 @@ pub trait Host: Send + Sync {
     fn allocate_domid(&self) -> Result<u64, DomidError>;
     fn observe_domid(&self, domid: u64);
     /// Spawn `def` paused with `-incoming defer` under `domid`, on the
-    /// source's guest RAM and taps.
+    /// source's taps and, for [`Memory::Shared`], its guest RAM; a copy
+    /// migration's destination gets new RAM as `def` describes it.
     fn spawn_destination(
         &self,
         def: &Definition,
@@ -82,6 +87,7 @@ pub trait Host: Send + Sync {
         paths: InstancePaths,
         src: &Instance,
         info: &EmulatorInfo,
+        memory: Memory,
     ) -> impl Future<Output = Result<Instance, MigrationError>> + Send;
     /// Put the incoming instance in the remote (shadow) table.
     fn insert_remote(&self, dst: Arc<Instance>) -> Result<(), TableError>;
@@ -136,6 +142,7 @@ pub struct Request {
     pub timeout: Duration,
     /// When the client's request arrived.
     pub started: Instant,
+    pub memory: Memory,
 }
 
 /// One side of a finished migration.
@@ -196,6 +203,13 @@ pub struct Report {
     /// reply: what qlive adds to QEMU's own downtime.
     pub completion_to_cont_us: u64,
     pub total_ms: f64,
+    /// Guest RAM was copied (not shared).
+    pub copied: bool,
+    /// A copy migration switched over by post-copy.
+    pub postcopy: bool,
+    /// A copy migration's pre-copy passes (QEMU's dirty-sync-count when
+    /// post-copy started or the migration completed).
+    pub precopy_passes: Option<u64>,
 }
 
 /// Live-migrate the domain's running instance `req.src` to a new QEMU of
@@ -211,6 +225,7 @@ pub async fn migrate<H: Host>(host: &H, req: Request) -> Result<Report, Migratio
             target_emulator: req.target.clone(),
             src_was_running,
             started_at: req.job.started_at,
+            memory: req.memory,
             phase: Phase::Begin {
                 src: req.src.record.clone(),
             },
@@ -218,6 +233,8 @@ pub async fn migrate<H: Host>(host: &H, req: Request) -> Result<Report, Migratio
         path: job_path(&domain_run_dir(host.run_dir(), host.name())),
         req,
         times: PhaseTimes::default(),
+        postcopy: false,
+        passes: None,
     };
 
     // Begin
@@ -244,6 +261,10 @@ struct Migration<'h, H: Host> {
     file: JobFile,
     path: PathBuf,
     times: PhaseTimes,
+    /// `migrate-start-postcopy` may have been sent (persisted from then on).
+    postcopy: bool,
+    /// The sync count when post-copy started.
+    passes: Option<u64>,
 }
 
 /// How long the source gets to read the frames its queues hold once the
@@ -267,7 +288,9 @@ macro_rules! attempt {
 impl<H: Host> Migration<'_, H> {
     /// Persist what `st` derives (atomic write, fsync) before acting on it.
     fn persist(&mut self, st: &State) -> Result<(), MigrationError> {
-        self.write(st.persisted(&self.req.src.record))?;
+        let mut phase = st.persisted(&self.req.src.record);
+        phase.set_postcopy(self.postcopy);
+        self.write(phase)?;
         self.req.job.set_phase(st.phase_name());
         Ok(())
     }
@@ -344,7 +367,7 @@ impl<H: Host> Migration<'_, H> {
         let dst = attempt!(
             st,
             self.host
-                .spawn_destination(&dst_def, domid, paths, &src, &info)
+                .spawn_destination(&dst_def, domid, paths, &src, &info, self.req.memory)
                 .await
         );
         let dst = Arc::new(dst);
@@ -365,18 +388,59 @@ impl<H: Host> Migration<'_, H> {
             super::devices::same_disks(&src.record.disks, &dst.record.disks)
                 .map_err(MigrationError::DisksDiffer)
         );
+        let memory = self.req.memory;
         attempt!(
             st,
-            params::apply(&src.qmp, Side::Source)
+            params::apply(&src.qmp, Side::Source, memory)
                 .await
                 .map_err(qmp_err("setting migration capabilities on the source"))
         );
+        let on_dst = params::apply(&dst.qmp, Side::Destination, memory).await;
+        let on_dst = match (on_dst, memory) {
+            // The destination cannot do post-copy (QEMU checks userfaultfd
+            // when the capability is set on the incoming side): `auto`
+            // falls back to pre-copy only, on both sides; `always` fails.
+            (
+                Err(e),
+                Memory::Copy {
+                    postcopy: params::Postcopy::Auto,
+                },
+            ) => {
+                tracing::warn!(
+                    domain = %self.host.name(),
+                    "the destination cannot do post-copy ({}); pre-copy only",
+                    crate::error::chain(&e)
+                );
+                let never = Memory::Copy {
+                    postcopy: params::Postcopy::Never,
+                };
+                self.req.memory = never;
+                self.file.memory = never;
+                match params::apply(&src.qmp, Side::Source, never).await {
+                    Ok(()) => params::apply(&dst.qmp, Side::Destination, never).await,
+                    Err(e) => Err(e),
+                }
+            }
+            (
+                Err(e),
+                Memory::Copy {
+                    postcopy: params::Postcopy::Always,
+                },
+            ) => return Err(Failed::new(st, MigrationError::PostcopyUnavailable(e))),
+            (r, _) => r,
+        };
         attempt!(
             st,
-            params::apply(&dst.qmp, Side::Destination)
-                .await
-                .map_err(qmp_err("setting migration capabilities on the destination"))
+            on_dst.map_err(qmp_err("setting migration capabilities on the destination"))
         );
+        if !memory.is_shared() {
+            attempt!(
+                st,
+                params::apply_copy_parameters(&src.qmp)
+                    .await
+                    .map_err(qmp_err("setting the copy's bandwidth on the source"))
+            );
+        }
         attempt!(
             st,
             params::apply_test_parameters(&src.qmp)
@@ -457,7 +521,30 @@ impl<H: Host> Migration<'_, H> {
                 .await
                 .map_err(qmp_err("migrate on the source"))
         );
-        let completed = wait_outgoing(&src.qmp, &mut events, &self.req.job, self.req.timeout);
+        let rule = match self.req.memory {
+            Memory::Copy { postcopy } => Some(copy::Rule::new(postcopy)).filter(|r| r.armed()),
+            Memory::Shared => None,
+        };
+        let Migration {
+            file,
+            path,
+            req,
+            postcopy,
+            passes,
+            ..
+        } = self;
+        // Persisted before `migrate-start-postcopy` is sent.
+        let intent = |at: u64| -> Result<(), MigrationError> {
+            file.phase.set_postcopy(true);
+            *postcopy = true;
+            *passes = Some(at);
+            file.save(path).map_err(|source| MigrationError::Persist {
+                path: path.clone(),
+                source,
+            })
+        };
+        let watch = rule.map(|rule| PostcopyWatch { rule, intent });
+        let completed = wait_outgoing(&src.qmp, &mut events, &req.job, req.timeout, watch);
         let at = attempt!(st, completed.await);
         self.req.job.mark_switchover();
         let st = st.completed(at)?;
@@ -475,12 +562,14 @@ impl<H: Host> Migration<'_, H> {
         let (dst, mut events, at) = st.into_completed()?;
         let src = self.req.src.clone();
         let src_exited = || src.pidfd.exited();
+        let postcopy = self.postcopy;
         // The persisted intent: written before `cont` is sent.
         let intent = |file: &mut JobFile, path: &Path| -> Result<(), MigrationError> {
             file.phase = Phase::Finish {
                 src: src.record.clone(),
                 dst: dst.record.clone(),
                 resume_sent: true,
+                postcopy,
             };
             file.save(path).map_err(|source| MigrationError::Persist {
                 path: path.to_path_buf(),
@@ -504,6 +593,7 @@ impl<H: Host> Migration<'_, H> {
             &dst.qmp,
             dst_exited,
             &mut events,
+            postcopy,
             || intent(file, &path),
             || {
                 hand_over(true);
@@ -534,6 +624,12 @@ impl<H: Host> Migration<'_, H> {
             cont_us = overhead.as_micros() as u64,
             "from the source's completion event to cont"
         );
+        // Post-copy: the guest runs on the destination, which fetches
+        // the pages it lacks from the source until the source is done.
+        if postcopy {
+            let done = wait_postcopy_done(&src.qmp, self.req.timeout).await;
+            attempt!(st, done);
+        }
         self.times.record(PhaseName::Finish, t);
         self.test_pause("after").await;
         match st {
@@ -603,6 +699,11 @@ impl<H: Host> Migration<'_, H> {
             bytes_sent: stats["ram"]["transferred"].as_u64(),
             completion_to_cont_us: overhead.as_micros() as u64,
             total_ms,
+            copied: !self.req.memory.is_shared(),
+            postcopy: self.postcopy,
+            precopy_passes: (!self.req.memory.is_shared())
+                .then(|| self.passes.or(stats["ram"]["dirty-sync-count"].as_u64()))
+                .flatten(),
         })
     }
 
@@ -683,14 +784,28 @@ impl<H: Host> Migration<'_, H> {
     }
 }
 
-/// Wait for the source's MIGRATION event: `completed` returns the instant
-/// it arrived; abort and timeout cancel the migration first.
-async fn wait_outgoing(
+/// A copy migration's post-copy switch: the rule, and the persisted intent
+/// (called with the sync count just before `migrate-start-postcopy`).
+pub struct PostcopyWatch<F> {
+    pub rule: copy::Rule,
+    pub intent: F,
+}
+
+/// Wait for the source's MIGRATION event: `completed` (or, once post-copy
+/// was started, `postcopy-active`) returns the instant it arrived; abort
+/// and timeout cancel the migration first. With `watch`, the source's
+/// progress is read every [`copy::POLL`] and post-copy started when the
+/// rule says so; abort is refused from then on.
+async fn wait_outgoing<F>(
     src: &Qmp,
     events: &mut broadcast::Receiver<QmpEvent>,
     job: &Job,
     timeout: Duration,
-) -> Result<Instant, MigrationError> {
+    mut watch: Option<PostcopyWatch<F>>,
+) -> Result<Instant, MigrationError>
+where
+    F: FnMut(u64) -> Result<(), MigrationError>,
+{
     // A timeout too large to add is no timeout.
     let deadline = tokio::time::Instant::now().checked_add(timeout);
     let expired = async {
@@ -700,6 +815,15 @@ async fn wait_outgoing(
         }
     };
     tokio::pin!(expired);
+    let mut tick = tokio::time::interval(copy::POLL);
+    let mut postcopy = false;
+    let failed = |v: &serde_json::Value, status: &str| MigrationError::Failed {
+        status: status.to_string(),
+        detail: v["error-desc"]
+            .as_str()
+            .unwrap_or("QEMU gave no reason")
+            .to_string(),
+    };
     loop {
         // biased: a completion that raced an abort wins (the switchover
         // happened; abort is refused from then on).
@@ -710,12 +834,11 @@ async fn wait_outgoing(
                     let status = ev.data["status"].as_str().unwrap_or("").to_string();
                     match status.as_str() {
                         "completed" => return Ok(Instant::now()),
+                        "postcopy-active" if postcopy => return Ok(Instant::now()),
                         "failed" | "cancelled" => {
-                            let detail = src.execute_raw("query-migrate", None).await
-                                .ok()
-                                .and_then(|v| v["error-desc"].as_str().map(String::from))
-                                .unwrap_or_else(|| "QEMU gave no reason".into());
-                            return Err(MigrationError::Failed { status, detail });
+                            let v = src.execute_raw("query-migrate", None).await
+                                .unwrap_or(serde_json::Value::Null);
+                            return Err(failed(&v, &status));
                         }
                         _ => {}
                     }
@@ -727,10 +850,8 @@ async fn wait_outgoing(
                         .map_err(qmp_err("query-migrate on the source"))?;
                     match v["status"].as_str() {
                         Some("completed") => return Ok(Instant::now()),
-                        Some(s @ ("failed" | "cancelled")) => return Err(MigrationError::Failed {
-                            status: s.to_string(),
-                            detail: v["error-desc"].as_str().unwrap_or("QEMU gave no reason").to_string(),
-                        }),
+                        Some("postcopy-active") if postcopy => return Ok(Instant::now()),
+                        Some(s @ ("failed" | "cancelled")) => return Err(failed(&v, s)),
                         _ => {}
                     }
                 }
@@ -741,16 +862,111 @@ async fn wait_outgoing(
                     });
                 }
             },
-            _ = job.cancel.cancelled() => {
+            _ = job.cancel.cancelled(), if !postcopy => {
                 super::cancel_outgoing(src).await;
                 return Err(MigrationError::Aborted);
             }
-            _ = &mut expired => {
+            _ = &mut expired, if !postcopy => {
                 super::cancel_outgoing(src).await;
                 return Err(MigrationError::Timeout { secs: timeout.as_secs() });
             }
+            _ = tick.tick(), if watch.is_some() && !postcopy => {
+                let Some(w) = watch.as_mut() else { continue };
+                let v = src.execute_raw("query-migrate", None).await
+                    .map_err(qmp_err("query-migrate on the source"))?;
+                let Some(p) = copy::Progress::of(&v) else { continue };
+                tracing::debug!(syncs = p.syncs, remaining = p.remaining, "copy progress");
+                if !w.rule.observe(p) {
+                    continue;
+                }
+                (w.intent)(p.syncs)?;
+                job.mark_switchover();
+                postcopy = true;
+                tracing::info!(passes = p.syncs, remaining = p.remaining, "starting post-copy");
+                if let Err(e) = src.execute_raw("migrate-start-postcopy", None).await {
+                    // Pre-copy may have completed meanwhile: its event
+                    // follows. Anything else is a failure.
+                    let v = src.execute_raw("query-migrate", None).await
+                        .unwrap_or(serde_json::Value::Null);
+                    if !matches!(v["status"].as_str(), Some("completed" | "device" | "postcopy-active")) {
+                        return Err(qmp_err("migrate-start-postcopy on the source")(e));
+                    }
+                }
+            }
         }
     }
+}
+
+/// After a post-copy switchover: wait for the source's `completed` (the
+/// destination has every page). The guest runs on the destination by
+/// now; a failure here is a crash.
+async fn wait_postcopy_done(src: &Qmp, timeout: Duration) -> Result<(), MigrationError> {
+    let mut events = src.subscribe();
+    let status = |v: &serde_json::Value| v["status"].as_str().unwrap_or("").to_string();
+    let v = src
+        .execute_raw("query-migrate", None)
+        .await
+        .map_err(qmp_err("query-migrate on the source"))?;
+    let ended = |s: &str, v: &serde_json::Value| -> Option<Result<(), MigrationError>> {
+        match s {
+            "completed" => Some(Ok(())),
+            "failed" | "cancelled" | "postcopy-paused" => Some(Err(MigrationError::Failed {
+                status: s.to_string(),
+                detail: format!(
+                    "post-copy did not complete: {}",
+                    v["error-desc"].as_str().unwrap_or("QEMU gave no reason")
+                ),
+            })),
+            _ => None,
+        }
+    };
+    if let Some(r) = ended(&status(&v), &v) {
+        return r;
+    }
+    let wait = async {
+        loop {
+            match events.recv().await {
+                Ok(ev) if ev.name == "MIGRATION" => {
+                    let s = ev.data["status"].as_str().unwrap_or("").to_string();
+                    if s == "completed" {
+                        return Ok(());
+                    }
+                    if ended(&s, &serde_json::Value::Null).is_some() {
+                        let v = src
+                            .execute_raw("query-migrate", None)
+                            .await
+                            .unwrap_or(serde_json::Value::Null);
+                        if let Some(r) = ended(&s, &v) {
+                            return r;
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    let v = src
+                        .execute_raw("query-migrate", None)
+                        .await
+                        .map_err(qmp_err("query-migrate on the source"))?;
+                    if let Some(r) = ended(&status(&v), &v) {
+                        return r;
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    return Err(MigrationError::Failed {
+                        status: "failed".into(),
+                        detail: "post-copy did not complete: lost the source's QMP connection"
+                            .into(),
+                    })
+                }
+            }
+        }
+    };
+    tokio::time::timeout(timeout, wait)
+        .await
+        .map_err(|_| MigrationError::Failed {
+            status: "failed".into(),
+            detail: format!("post-copy did not complete within {} s", timeout.as_secs()),
+        })?
 }
 
 /// Why the destination was not resumed.
@@ -777,12 +993,14 @@ pub enum Resume {
 /// 3. `cont`. Only an error *answer* from QEMU, or a command that could
 ///    not be written, proves it did not run; a lost answer may mean the
 ///    guest runs there.
+#[allow(clippy::too_many_arguments)]
 pub async fn resume_destination<P, F>(
     src: &Qmp,
     src_exited: impl Fn() -> bool,
     dst: &Qmp,
     dst_exited: impl Fn() -> bool,
     events: &mut broadcast::Receiver<QmpEvent>,
+    postcopy: bool,
     intent: impl FnOnce() -> Result<(), MigrationError>,
     before_cont: P,
 ) -> Result<(), Resume>
@@ -791,7 +1009,7 @@ where
     F: Future<Output = ()>,
 {
     let incoming = async {
-        tokio::time::timeout(INCOMING_WAIT, wait_incoming(dst, events))
+        tokio::time::timeout(INCOMING_WAIT, wait_incoming(dst, events, postcopy))
             .await
             .map_err(|_| MigrationError::Failed {
                 status: "failed".into(),
@@ -837,10 +1055,14 @@ where
     }
 }
 
-/// The destination's own MIGRATION `completed` (usually already queued).
+/// The destination's own MIGRATION `completed` (usually already queued);
+/// after a post-copy switchover, `postcopy-active` (the destination
+/// listens for pages; a `cont` sent before it loaded the device state
+/// makes it run as soon as it has).
 async fn wait_incoming(
     dst: &Qmp,
     events: &mut broadcast::Receiver<QmpEvent>,
+    postcopy: bool,
 ) -> Result<(), MigrationError> {
     let failed = |s: &str| MigrationError::Failed {
         status: s.to_string(),
@@ -850,6 +1072,7 @@ async fn wait_incoming(
         match events.recv().await {
             Ok(ev) if ev.name == "MIGRATION" => match ev.data["status"].as_str() {
                 Some("completed") => return Ok(()),
+                Some("postcopy-active") if postcopy => return Ok(()),
                 Some(s @ ("failed" | "cancelled")) => return Err(failed(s)),
                 _ => {}
             },
@@ -862,6 +1085,7 @@ async fn wait_incoming(
                     .map_err(qmp_err("query-migrate on the destination"))?;
                 match v["status"].as_str() {
                     Some("completed") => return Ok(()),
+                    Some("postcopy-active") if postcopy => return Ok(()),
                     Some(s @ ("failed" | "cancelled")) => return Err(failed(s)),
                     _ => {}
                 }
@@ -991,6 +1215,7 @@ pub async fn recover<H: Host>(host: &H, job: JobFile) -> Recovered {
             dst_running,
             dst_migration,
             resume_sent,
+            postcopy: job.phase.postcopy(),
         })
     };
     let observed = match observed.await {
@@ -1061,6 +1286,49 @@ pub async fn recover<H: Host>(host: &H, job: JobFile) -> Recovered {
                 )
                 .await;
                 None
+            }
+        },
+        Decision::FinishPostcopy { cont_dst } => match (src, dst) {
+            (Some(s), Some(d)) => {
+                if cont_dst {
+                    // The source is stopped (observed): the guest may run
+                    // on the destination, which fetches what it lacks.
+                    d.set_tap_owner(true);
+                    if let Err(e) = d.qmp.cont().await {
+                        tracing::error!(domain = %host.name(), "resuming the destination in post-copy: {}", crate::error::chain(&e));
+                    }
+                }
+                if let Err(e) = wait_postcopy_done(&s.qmp, POSTCOPY_RECOVERY_WAIT).await {
+                    let reason = crate::error::chain(&e);
+                    save_crash(&job, &path, reason.clone());
+                    let paths = [Some(&parts.src.paths), parts.dst_paths]
+                        .into_iter()
+                        .flatten()
+                        .collect();
+                    resolve::crash(host, vec![s, d], paths, hooks, reason).await;
+                    return Recovered::Nothing;
+                }
+                if !resolve::switch_to_destination(host, Source::Held(s), &d, Switch::Recovery)
+                    .await
+                {
+                    let reason = "the destination QEMU died while recovery resumed it".to_string();
+                    save_crash(&job, &path, reason);
+                    return Recovered::Nothing;
+                }
+                Some(d)
+            }
+            (s, d) => {
+                let reason = "post-copy recovery lost a QEMU".to_string();
+                save_crash(&job, &path, reason.clone());
+                resolve::crash(
+                    host,
+                    [s, d].into_iter().flatten().collect(),
+                    vec![],
+                    hooks,
+                    reason,
+                )
+                .await;
+                return Recovered::Nothing;
             }
         },
         Decision::Crashed(reason) => {
@@ -1185,6 +1453,7 @@ mod tests {
             dst,
             || dst_exited,
             events,
+            false,
             || {
                 persisted.store(true, Ordering::SeqCst);
                 if intent_ok {

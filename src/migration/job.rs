@@ -31,8 +31,17 @@ pub struct Job {
 
 impl Job {
     pub fn migration_out(started_at: u64) -> Job {
+        Job::of_kind("migration-out", started_at)
+    }
+
+    /// Adopting a foreign QEMU: the same migration, RAM copied.
+    pub fn adoption(started_at: u64) -> Job {
+        Job::of_kind("adoption", started_at)
+    }
+
+    fn of_kind(kind: &'static str, started_at: u64) -> Job {
         Job {
-            kind: "migration-out",
+            kind,
             started: Instant::now(),
             started_at,
             phase: Mutex::new(PhaseName::Begin),

@@ -26,6 +26,7 @@
 //! Each phase is persisted (atomic write + fsync) before it acts; see
 //! [`recovery`] for what a restarted agent does with each.
 
+pub mod copy;
 pub mod devices;
 pub mod engine;
 pub mod hooks;
@@ -105,6 +106,8 @@ pub enum MigrationError {
         phase: String,
         detail: String,
     },
+    #[error("the destination QEMU cannot do post-copy (it needs userfaultfd: QEMU 8.1 and later open /dev/userfaultfd; older ones need vm.unprivileged_userfaultfd=1, as qlive's QEMUs lack CAP_SYS_PTRACE); use --postcopy auto or never")]
+    PostcopyUnavailable(#[source] QmpError),
     #[error("migration {status}: {detail}")]
     Failed { status: String, detail: String },
     #[error("migration aborted by request")]

@@ -4,6 +4,7 @@
 //! atomically before the phase acts, so a restarted agent knows what may
 //! have happened (see [`super::recovery`]).
 
+use super::params::Memory;
 use crate::fsutil;
 use crate::instance::paths::InstancePaths;
 use crate::instance::InstanceRecord;
@@ -83,9 +84,13 @@ pub enum Phase {
         dst_paths: InstancePaths,
     },
     /// `migrate` may have been sent; the source may have stopped.
+    /// `postcopy`: `migrate-start-postcopy` may have been sent (written
+    /// before it is): from then on guest RAM may be split between the two.
     Perform {
         src: InstanceRecord,
         dst: InstanceRecord,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        postcopy: bool,
     },
     /// The source completed. `resume_sent`: `cont` may have been sent to
     /// the destination (written before it is sent), so the destination may
@@ -95,6 +100,10 @@ pub enum Phase {
         dst: InstanceRecord,
         #[serde(default = "may_have_resumed")]
         resume_sent: bool,
+        /// The switchover was post-copy's: the destination fetches the pages
+        /// it lacks from the source until the source reports `completed`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        postcopy: bool,
     },
     /// Decided: clean up the losing side, swap on success.
     Confirm {
@@ -158,7 +167,7 @@ impl Phase {
                 dst_paths: Some(dst_paths),
                 dst_domid: Some(*dst_domid),
             },
-            Phase::Perform { src, dst } | Phase::Finish { src, dst, .. } => Parts {
+            Phase::Perform { src, dst, .. } | Phase::Finish { src, dst, .. } => Parts {
                 src,
                 dst: Some(dst),
                 dst_paths: Some(&dst.paths),
@@ -176,6 +185,21 @@ impl Phase {
                 dst_paths: dst_paths.as_ref(),
                 dst_domid: *dst_domid,
             },
+        }
+    }
+
+    /// Post-copy may have started (Perform or Finish say so).
+    pub fn postcopy(&self) -> bool {
+        matches!(
+            self,
+            Phase::Perform { postcopy: true, .. } | Phase::Finish { postcopy: true, .. }
+        )
+    }
+
+    /// Record that post-copy may have started (Perform and Finish only).
+    pub fn set_postcopy(&mut self, v: bool) {
+        if let Phase::Perform { postcopy, .. } | Phase::Finish { postcopy, .. } = self {
+            *postcopy = v;
         }
     }
 
@@ -204,6 +228,9 @@ pub struct JobFile {
     /// migration restores exactly that.
     pub src_was_running: bool,
     pub started_at: u64,
+    /// How guest RAM moves: shared (absent in the file) or copied.
+    #[serde(default, skip_serializing_if = "Memory::is_shared")]
+    pub memory: Memory,
     #[serde(flatten)]
     pub phase: Phase,
 }

@@ -20,6 +20,22 @@
 //! | Confirm (failure) | - | keep source |
 //! | Confirm (crashed) | - | crashed (until `qlive destroy`) |
 //!
+//! A copy migration (adoption, `--copy-memory`) before post-copy follows the
+//! same table: each QEMU has RAM of its own, and the destination's is
+//! whole only once the source completed. Once post-copy may have started
+//! (Perform or Finish persisted with `postcopy`), guest RAM may be split
+//! between the two QEMUs: the destination holds what the guest touched
+//! since, the source the rest. Then ([`decide_postcopy`]):
+//!
+//! | observed | decision |
+//! |---|---|
+//! | source completed (every page sent), destination alive, source not running | switch to destination (`cont` it if paused) |
+//! | both alive, source in post-copy (`postcopy-active`/`-paused`/`-recover`), not running | finish post-copy: `cont` the destination if paused, wait for the source's `completed`, then switch |
+//! | destination gone, `cont` never sent | keep source: its RAM and device state are whole and the destination never ran |
+//! | source still `active` (post-copy not begun), `cont` never sent | keep source, cancelling the migration |
+//! | either gone otherwise | crashed: the guest's memory is no longer whole anywhere |
+//! | source running | leave alone |
+//!
 //! An instance that is alive but does not answer `query-status` stops the
 //! recovery before this table (the executor leaves the domain unreachable):
 //! "not known to run" is never taken for "stopped".
@@ -47,6 +63,8 @@ pub struct Observed {
     /// The persisted Finish says `cont` may have been sent to the
     /// destination.
     pub resume_sent: bool,
+    /// The persisted phase says post-copy may have started.
+    pub postcopy: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +77,10 @@ pub enum Decision {
     /// `cont_dst`: the destination is paused and must be resumed (allowed
     /// because the source is proven stopped or dead).
     SwitchToDestination { cont_dst: bool },
+    /// Post-copy is under way between two live QEMUs: resume the
+    /// destination if `cont_dst` (the source is stopped), wait until the
+    /// source has sent every page, then switch to the destination.
+    FinishPostcopy { cont_dst: bool },
     /// Nothing can run the guest any more (both gone before the destination
     /// ran): the domain is shut off, with this reason.
     Lost(String),
@@ -78,7 +100,18 @@ pub fn migrating(s: Option<&str>) -> bool {
     )
 }
 
+/// A `query-migrate` status of a migration in post-copy.
+pub fn in_postcopy(s: Option<&str>) -> bool {
+    matches!(
+        s,
+        Some("postcopy-active" | "postcopy-paused" | "postcopy-recover")
+    )
+}
+
 pub fn decide(phase: PhaseName, outcome: Option<Outcome>, o: &Observed) -> Decision {
+    if o.postcopy && matches!(phase, PhaseName::Perform | PhaseName::Finish) {
+        return decide_postcopy(o);
+    }
     match phase {
         PhaseName::Begin | PhaseName::Prepare => keep_source(o, false),
         PhaseName::Perform => {
@@ -143,6 +176,39 @@ pub fn decide(phase: PhaseName, outcome: Option<Outcome>, o: &Observed) -> Decis
     }
 }
 
+/// Perform or Finish after post-copy may have started; see the module's
+/// second table.
+pub fn decide_postcopy(o: &Observed) -> Decision {
+    let src_done = o.src_migration.as_deref() == Some("completed");
+    let dst_done = o.dst_migration.as_deref() == Some("completed");
+    if o.src_alive && o.src_running {
+        return both_running();
+    }
+    if o.dst_alive && (src_done || (!o.src_alive && dst_done)) {
+        return Decision::SwitchToDestination {
+            cont_dst: !o.dst_running,
+        };
+    }
+    if o.dst_alive && o.src_alive && in_postcopy(o.src_migration.as_deref()) {
+        return Decision::FinishPostcopy {
+            cont_dst: !o.dst_running,
+        };
+    }
+    if !o.resume_sent && !o.dst_running && o.src_alive {
+        // The destination never ran: the source's RAM and device state are
+        // whole (post-copy only sends pages, it takes none away).
+        return Decision::KeepSource {
+            cancel_migration: migrating(o.src_migration.as_deref())
+                || in_postcopy(o.src_migration.as_deref()),
+        };
+    }
+    Decision::Crashed(
+        "post-copy had started and a QEMU is gone: the guest's memory was split between the \
+         two and is not whole in either"
+            .into(),
+    )
+}
+
 fn both_running() -> Decision {
     Decision::LeaveAlone(
         "the source runs vCPUs although the migration reached the destination; \
@@ -172,6 +238,105 @@ mod tests {
             src_running: true,
             ..Default::default()
         }
+    }
+
+    fn postcopy(src: Option<&str>, dst: Option<&str>) -> Observed {
+        Observed {
+            src_running: false,
+            src_migration: src.map(String::from),
+            dst_alive: true,
+            dst_migration: dst.map(String::from),
+            postcopy: true,
+            ..obs()
+        }
+    }
+
+    #[test]
+    fn post_copy_under_way_is_finished() {
+        for phase in [PhaseName::Perform, PhaseName::Finish] {
+            let o = postcopy(Some("postcopy-active"), Some("postcopy-active"));
+            assert_eq!(
+                decide(phase, None, &o),
+                Decision::FinishPostcopy { cont_dst: true }
+            );
+            let o = Observed {
+                dst_running: true,
+                resume_sent: true,
+                ..o
+            };
+            assert_eq!(
+                decide(phase, None, &o),
+                Decision::FinishPostcopy { cont_dst: false }
+            );
+        }
+    }
+
+    #[test]
+    fn post_copy_completed_switches() {
+        let o = postcopy(Some("completed"), Some("completed"));
+        assert_eq!(
+            decide(PhaseName::Finish, None, &o),
+            Decision::SwitchToDestination { cont_dst: true }
+        );
+        let o = Observed {
+            src_alive: false,
+            src_migration: None,
+            ..postcopy(None, Some("completed"))
+        };
+        assert_eq!(
+            decide(PhaseName::Finish, None, &o),
+            Decision::SwitchToDestination { cont_dst: true }
+        );
+    }
+
+    #[test]
+    fn post_copy_with_a_qemu_gone_is_a_crash_unless_the_destination_never_ran() {
+        // The source died: pages are missing for good.
+        let o = Observed {
+            src_alive: false,
+            src_migration: None,
+            resume_sent: true,
+            dst_running: true,
+            ..postcopy(None, Some("postcopy-active"))
+        };
+        assert!(matches!(
+            decide(PhaseName::Finish, None, &o),
+            Decision::Crashed(_)
+        ));
+        // The destination died after `cont` may have reached it.
+        let o = Observed {
+            dst_alive: false,
+            dst_migration: None,
+            resume_sent: true,
+            ..postcopy(Some("postcopy-paused"), None)
+        };
+        assert!(matches!(
+            decide(PhaseName::Finish, None, &o),
+            Decision::Crashed(_)
+        ));
+        // The destination died before it ever ran: the source is whole.
+        let o = Observed {
+            dst_alive: false,
+            dst_migration: None,
+            ..postcopy(Some("postcopy-paused"), None)
+        };
+        assert_eq!(
+            decide(PhaseName::Finish, None, &o),
+            Decision::KeepSource {
+                cancel_migration: true
+            }
+        );
+    }
+
+    #[test]
+    fn post_copy_intent_before_it_began_keeps_the_source() {
+        let o = postcopy(Some("active"), Some("active"));
+        assert_eq!(
+            decide(PhaseName::Perform, None, &o),
+            Decision::KeepSource {
+                cancel_migration: true
+            }
+        );
     }
 
     #[test]

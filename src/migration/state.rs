@@ -128,16 +128,19 @@ impl State {
             State::Performing { dst, .. } => Phase::Perform {
                 src,
                 dst: dst.record.clone(),
+                postcopy: false,
             },
             State::Completed { dst, .. } => Phase::Finish {
                 src,
                 dst: dst.record.clone(),
                 resume_sent: false,
+                postcopy: false,
             },
             State::Resuming { dst, .. } | State::Resumed { dst } => Phase::Finish {
                 src,
                 dst: dst.record.clone(),
                 resume_sent: true,
+                postcopy: false,
             },
         }
     }

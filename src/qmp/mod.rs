@@ -89,7 +89,7 @@ pub struct QmpEvent {
 }
 
 /// QEMU version from the greeting.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct QemuVersion {
     pub major: i64,
     pub minor: i64,

@@ -178,6 +178,8 @@ async fn run_inner(socket: &Path, o: Options) -> Result<i32, UpgradeError> {
                     name: name.clone(),
                     emulator,
                     timeout_s: None,
+                    copy_memory: false,
+                    postcopy: None,
                 }
             };
             let res = if dry_run {

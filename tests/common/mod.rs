@@ -487,6 +487,23 @@ impl Drop for Rig {
     }
 }
 
+/// The last `DISK <seq>` (acknowledged write) the guest printed in `text`.
+pub fn acked_writes(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("DISK "))
+        .filter_map(|s| s.trim().parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// The number after `key=` in a guest's report line.
+pub fn kv(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+}
+
 pub fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
