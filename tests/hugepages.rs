@@ -5,6 +5,8 @@
 //! restart, and checks the pool after each step: the guest holds exactly
 //! its pages, a migration takes none of its own, and a destroy gives them
 //! all back. A start the pool cannot serve is refused, naming the numbers.
+//! A running guest then moves onto huge pages and off them again by a
+//! copy migration (`migrate --copy-memory --hugepages`).
 
 mod common;
 
@@ -98,10 +100,69 @@ fn guest_ram_on_2m_pages_crosses_migrations_and_restarts() {
     assert_eq!(pages_taken() - taken0, 128);
     rig.wait_heartbeat_past("huge", hb + 200, Duration::from_secs(60))
         .assert_intact("huge after restart");
+
+    // A running guest changes its backing by a copy migration
+    // (`--copy-memory --hugepages`): first refused (the pool holds 8 spare
+    // pages, the guest needs 128) before anything moves...
+    let plain_pid = rig.info("plain")["pid"].clone();
+    let (code, err) = rig.fails(&["migrate", "plain", "--copy-memory", "--hugepages", "2M"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("needs 128 pages of 2M"), "{err}");
+    assert_eq!(rig.info("plain")["pid"], plain_pid, "the guest was moved");
+    assert_eq!(pages_taken() - taken0, 128);
+    let (code, err) = rig.fails(&["migrate", "plain", "--copy-memory", "--hugepages", "3M"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("hugepages \"3M\" is not one of 2M, 1G, none"),
+        "{err}"
+    );
+    let (code, err) = rig.fails(&[
+        "migrate",
+        "plain",
+        "--copy-memory",
+        "--hugepages",
+        "2M",
+        "--postcopy",
+        "always",
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("post-copy cannot move guest RAM onto pages of another size (4K to 2M)"),
+        "{err}"
+    );
+    // ...then, with the huge guest's pages free again, onto 2 MiB pages,
+    // through a shared-memory migration on them, and off them again.
+    rig.ok(&["destroy", "huge"]);
+    assert_eq!(pages_taken(), taken0);
+    for (backing, args, pages) in [
+        ("2M", vec!["--copy-memory", "--hugepages", "2M"], 128),
+        ("2M", vec![], 128),
+        ("none", vec!["--copy-memory", "--hugepages", "none"], 0),
+    ] {
+        let hb = rig.heartbeat("plain").last;
+        let r = rig.migrate("plain", &args);
+        figures.push(format!("plain onto {backing} {args:?}: {}", downtime(&r)));
+        assert_eq!(r.get("postcopy").is_some(), !args.is_empty(), "{r}");
+        assert_eq!(pages_taken() - taken0, pages, "plain {backing} {args:?}");
+        let info = rig.info("plain");
+        assert_eq!(
+            info.get("hugepages")
+                .and_then(Value::as_str)
+                .unwrap_or("none"),
+            backing,
+            "{info}"
+        );
+        rig.wait_heartbeat_past("plain", hb + 200, Duration::from_secs(60))
+            .assert_intact("plain after a copy onto another backing");
+    }
+    // The definition keeps the backing: a cold boot gets it too.
+    let stored: Value = serde_json::from_str(
+        &std::fs::read_to_string(rig.state.join("domains/plain.json")).expect("stored"),
+    )
+    .expect("json");
+    assert_eq!(stored["definition"].get("hugepages"), None, "{stored}");
     println!("{}", figures.join("\n"));
 
-    for name in ["huge", "plain"] {
-        rig.ok(&["destroy", name]);
-    }
+    rig.ok(&["destroy", "plain"]);
     assert_eq!(pages_taken(), taken0, "every page back in the pool");
 }

@@ -9,6 +9,7 @@
 
 use super::{now_unix, Agent, AgentError, Domain, Run};
 use crate::api;
+use crate::domain::definition::HugePages;
 use crate::domain::{Definition, DefinitionError, TableError};
 use crate::instance::cmdline::StartMode;
 use crate::instance::domid::DomidError;
@@ -18,7 +19,7 @@ use crate::instance::{self, Instance, SpawnSpec};
 use crate::metrics::MigrationResult;
 use crate::migration::engine::{self, Host, Request};
 use crate::migration::job::Job;
-use crate::migration::params::Memory;
+use crate::migration::params::{Memory, Postcopy};
 use crate::migration::MigrationError;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -281,7 +282,8 @@ impl Agent {
         name: &str,
         emulator: Option<PathBuf>,
         timeout: Duration,
-        memory: Memory,
+        mut memory: Memory,
+        hugepages: Option<Option<HugePages>>,
     ) -> Result<api::Migrated, AgentError> {
         let started = Instant::now();
         let dom = self.lookup(name)?;
@@ -312,11 +314,44 @@ impl Agent {
                     emulator.as_deref().unwrap_or(std::path::Path::new(""))
                 )));
             }
+            // A copy onto another backing: the destination's definition
+            // has it, and must still be valid with it.
+            let mut def = st.def.clone();
+            if let Some(h) = hugepages {
+                def.hugepages = h;
+                def.validate()?;
+            }
+            // QEMU post-copies only between RAM blocks of one page size.
+            if def.hugepages != st.def.hugepages {
+                match memory {
+                    Memory::Copy {
+                        postcopy: Postcopy::Always,
+                    } => {
+                        return Err(AgentError::BadRequest(format!(
+                            "post-copy cannot move guest RAM onto pages of another size \
+                             ({} to {}): QEMU needs one page size on both sides; use \
+                             --postcopy auto or never",
+                            page_size(st.def.hugepages),
+                            page_size(def.hugepages)
+                        )))
+                    }
+                    Memory::Copy {
+                        postcopy: Postcopy::Auto,
+                    } => {
+                        tracing::info!(domain = %dom.name, "another page size: pre-copy only");
+                        memory = Memory::Copy {
+                            postcopy: Postcopy::Never,
+                        };
+                    }
+                    _ => {}
+                }
+            }
             let job = Arc::new(Job::migration_out(now_unix()));
             job.set_source_qmp(src.qmp.clone());
             st.job = Some(job.clone());
-            (job, src, st.def.clone())
+            (job, src, def)
         };
+        let backing = def.hugepages;
         let host = DomainHost {
             agent: self.clone(),
             dom: dom.clone(),
@@ -356,6 +391,19 @@ impl Agent {
                     "the migration task failed ({e}); restart the agent to recover the migration"
                 ),
             };
+        }
+        // The domain lives on the new backing now: the stored definition
+        // says so (its next boot gets it too).
+        if let (Ok(Ok(_)), Some(_)) = (&res, hugepages) {
+            if st.def.hugepages != backing {
+                let mut def = st.def.clone();
+                def.hugepages = backing;
+                match self.store.save(&def) {
+                    Ok(()) => st.def = def,
+                    Err(e) => tracing::error!(domain = %dom.name,
+                        "recording the new memory backing in the definition: {}", crate::error::chain(&e)),
+                }
+            }
         }
         let result = match (&res, &st.run) {
             (Ok(Ok(_)), _) => MigrationResult::Succeeded,
@@ -425,6 +473,11 @@ impl Agent {
             aborting: true,
         })
     }
+}
+
+/// A backing's page size, for messages.
+fn page_size(h: Option<HugePages>) -> &'static str {
+    h.map_or("4K", HugePages::as_str)
 }
 
 /// The engine's report as the `migrate` call answers it.

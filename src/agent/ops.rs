@@ -56,6 +56,7 @@ impl Agent {
                 timeout_s,
                 copy_memory,
                 postcopy,
+                hugepages,
             } => {
                 let timeout =
                     Duration::from_secs(bounded_timeout(timeout_s, DEFAULT_MIGRATE_TIMEOUT_S)?);
@@ -70,7 +71,27 @@ impl Agent {
                         postcopy: p.unwrap_or_default(),
                     },
                 };
-                answer(&self.migrate(&name, emulator, timeout, memory).await?)
+                let hugepages = match (copy_memory, hugepages.as_deref()) {
+                    (_, None) => None,
+                    (false, Some(_)) => {
+                        return Err(AgentError::BadRequest(
+                            "hugepages applies only with copy_memory: a shared-memory migration keeps the domain's memfd".into(),
+                        ))
+                    }
+                    (true, Some("none")) => Some(None),
+                    (true, Some(h)) => Some(Some(
+                        serde_json::from_value(Value::String(h.to_string())).map_err(|_| {
+                            AgentError::BadRequest(format!(
+                                "hugepages {h:?} is not one of 2M, 1G, none"
+                            ))
+                        })?,
+                    )),
+                };
+                answer(
+                    &self
+                        .migrate(&name, emulator, timeout, memory, hugepages)
+                        .await?,
+                )
             }
             Request::Job { name } => answer(&self.job(&name).await?),
             Request::Abort { name } => answer(&self.abort(&name).await?),

@@ -69,6 +69,11 @@ pub enum Request {
         /// With `copy_memory`: when to switch to post-copy (default auto).
         #[serde(default)]
         postcopy: Option<crate::migration::params::Postcopy>,
+        /// With `copy_memory`: the new backing, `2M`, `1G` or `none`
+        /// (default: the definition's); stored in the definition once the
+        /// guest runs on it.
+        #[serde(default)]
+        hugepages: Option<String>,
     },
     /// The domain's current job (null when none); read-only.
     Job { name: String },

@@ -100,6 +100,10 @@ pub enum Command {
         /// after the first full pre-copy pass; never).
         #[arg(long, requires = "copy_memory")]
         postcopy: Option<crate::migration::params::Postcopy>,
+        /// With --copy-memory: put guest RAM on huge pages of this size
+        /// (2M, 1G) or off them (none); the definition keeps it.
+        #[arg(long, requires = "copy_memory")]
+        hugepages: Option<String>,
     },
     /// Show a domain's current job (phase, elapsed, bytes, target).
     Job {
@@ -296,6 +300,7 @@ pub async fn run(cli: Cli) -> i32 {
                     timeout,
                     copy_memory,
                     postcopy,
+                    hugepages,
                 } => (
                     Request::Migrate {
                         name,
@@ -304,6 +309,7 @@ pub async fn run(cli: Cli) -> i32 {
                         timeout_s: Some(timeout),
                         copy_memory,
                         postcopy,
+                        hugepages,
                     },
                     if json { Show::JsonLine } else { Show::Migrated },
                 ),

@@ -180,6 +180,7 @@ async fn run_inner(socket: &Path, o: Options) -> Result<i32, UpgradeError> {
                     timeout_s: None,
                     copy_memory: false,
                     postcopy: None,
+                    hugepages: None,
                 }
             };
             let res = if dry_run {
