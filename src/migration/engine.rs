@@ -59,6 +59,9 @@ pub const TEST_PAUSE_ENV: &str = "QLIVE_TEST_PAUSE_AT";
 /// How long the destination may take to report the incoming state loaded
 /// once the source completed.
 const INCOMING_WAIT: Duration = Duration::from_secs(30);
+/// How long recovery waits for an instance to be adopted (its QMP
+/// greeting).
+const ADOPT_WAIT: Duration = Duration::from_secs(10);
 /// How long recovery waits for a post-copy it found under way to send its
 /// last pages (it sends at full speed: seconds per GiB here).
 const POSTCOPY_RECOVERY_WAIT: Duration = Duration::from_secs(600);
@@ -627,6 +630,7 @@ impl<H: Host> Migration<'_, H> {
         // Post-copy: the guest runs on the destination, which fetches
         // the pages it lacks from the source until the source is done.
         if postcopy {
+            self.test_pause("postcopy").await;
             let done = wait_postcopy_done(&src.qmp, self.req.timeout).await;
             attempt!(st, done);
         }
@@ -1118,7 +1122,19 @@ pub enum Recovered {
 /// Adopt an instance from a record: `Ok(None)` if it is gone (or its pid
 /// is another process now), `Err` if it is alive but cannot be adopted.
 async fn try_adopt(rec: &InstanceRecord, owner: bool) -> Result<Option<Arc<Instance>>, String> {
-    match instance::adopt(rec.clone(), owner).await {
+    // A QEMU whose main loop waits for a page that never comes (post-copy
+    // whose source died) never greets on QMP: bounded, so the agent
+    // starts anyway.
+    let Ok(adopted) = tokio::time::timeout(ADOPT_WAIT, instance::adopt(rec.clone(), owner)).await
+    else {
+        return Err(format!(
+            "QEMU (domid {}, pid {}) runs but did not greet on QMP within {} s",
+            rec.domid,
+            rec.process.pid,
+            ADOPT_WAIT.as_secs()
+        ));
+    };
+    match adopted {
         Ok(i) => Ok(Some(Arc::new(i))),
         Err(InstanceError::Process(ProcessError::Gone { .. } | ProcessError::Reused { .. })) => {
             Ok(None)
@@ -1130,6 +1146,14 @@ async fn try_adopt(rec: &InstanceRecord, owner: bool) -> Result<Option<Arc<Insta
             crate::error::chain(&e)
         )),
     }
+}
+
+/// The recorded process is gone (or its pid is another process now).
+fn source_gone(rec: &InstanceRecord) -> bool {
+    matches!(
+        crate::instance::process::Pidfd::adopt(&rec.process),
+        Err(ProcessError::Gone { .. } | ProcessError::Reused { .. })
+    )
 }
 
 /// (alive, vCPUs running, query-migrate status) of one instance; `Err`
@@ -1192,16 +1216,50 @@ pub async fn recover<H: Host>(host: &H, job: JobFile) -> Recovered {
         // ioctls as the owner, the destination (which may be loading the
         // device's state) as not.
         let src = try_adopt(parts.src, true).await?;
+        // An adoption's destination is its taps' only user from the start
+        // (agent::adopt): nobody else configured them.
         let dst = match parts.dst {
-            Some(r) => try_adopt(r, false).await?,
+            Some(r) => try_adopt(r, parts.src.foreign.is_some()).await?,
             None => None,
         };
         Ok::<_, String>((src, dst))
     };
+    // Prepare hooks may have run once a destination slot existed; after a
+    // recorded crash they were released when the crash was handled.
+    let hooks = if parts.dst_paths.is_some() && outcome != Some(Outcome::Crashed) {
+        Some(HookEnv {
+            domain: host.name().to_string(),
+            src_domid: parts.src.domid,
+            dst_domid: parts.dst_domid.unwrap_or(0),
+            dst_pid: parts.dst.map(|d| d.process.pid),
+            emulator: job.target_emulator.clone(),
+            nics: hooks::nics_of(&host.definition().await),
+        })
+    } else {
+        None
+    };
     // Never decide on a guess: an instance that lives but cannot be talked
-    // to may be the one running the guest.
+    // to may be the one running the guest. Except after post-copy began
+    // with the source gone: the pages the destination lacks are lost with
+    // it, whatever the destination answers (and one stuck on such a page
+    // answers nothing).
     let (src, dst) = match adopted.await {
         Ok(v) => v,
+        Err(why) if job.phase.postcopy() && source_gone(parts.src) => {
+            let reason = format!(
+                "post-copy had started and the source QEMU is gone: the guest's memory is not \
+                 whole anywhere ({why})"
+            );
+            tracing::warn!(domain = %host.name(), %phase, decision = "Crashed", %reason,
+                "recovering interrupted migration");
+            save_crash(&job, &path, reason.clone());
+            let paths = [Some(&parts.src.paths), parts.dst_paths]
+                .into_iter()
+                .flatten()
+                .collect();
+            resolve::crash(host, vec![], paths, hooks, reason).await;
+            return Recovered::Nothing;
+        }
         Err(why) => return leave_alone(why),
     };
     let observed = async {
@@ -1224,20 +1282,6 @@ pub async fn recover<H: Host>(host: &H, job: JobFile) -> Recovered {
     };
     let decision = recovery::decide(phase, outcome, &observed);
     tracing::warn!(domain = %host.name(), %phase, ?outcome, ?observed, ?decision, "recovering interrupted migration");
-    // Prepare hooks may have run once a destination slot existed; after a
-    // recorded crash they were released when the crash was handled.
-    let hooks = if parts.dst_paths.is_some() && outcome != Some(Outcome::Crashed) {
-        Some(HookEnv {
-            domain: host.name().to_string(),
-            src_domid: parts.src.domid,
-            dst_domid: parts.dst_domid.unwrap_or(0),
-            dst_pid: parts.dst.map(|d| d.process.pid),
-            emulator: job.target_emulator.clone(),
-            nics: hooks::nics_of(&host.definition().await),
-        })
-    } else {
-        None
-    };
     let winner = match decision {
         Decision::KeepSource { cancel_migration } => match src {
             Some(src) => {

@@ -183,9 +183,11 @@ pub async fn apply_test_parameters(qmp: &Qmp) -> Result<(), QmpError> {
             bytes_per_s = bw,
             "test-only migration bandwidth cap in effect"
         );
+        // Post-copy's background transfer too, so a test can find it
+        // under way.
         qmp.execute_raw(
             "migrate-set-parameters",
-            Some(json!({ "max-bandwidth": bw })),
+            Some(json!({ "max-bandwidth": bw, "max-postcopy-bandwidth": bw })),
         )
         .await?;
     }
