@@ -689,8 +689,7 @@ fn adopt_bg(rig: &Rig, qmp: &Path, args: &[&str]) -> std::thread::JoinHandle<std
 fn recovery_decision(rig: &Rig) -> String {
     rig.agent_log_text()
         .lines()
-        .filter(|l| l.contains("recovering interrupted migration"))
-        .last()
+        .rfind(|l| l.contains("recovering interrupted migration"))
         .unwrap_or("")
         .to_string()
 }
