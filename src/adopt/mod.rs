@@ -1,6 +1,6 @@
 //! Adopting a QEMU that qlive did not start: the first step, learning its
-//! configuration and refusing what qlive cannot reproduce. Nothing here
-//! migrates yet (docs/adopting.md).
+//! configuration and refusing what qlive cannot reproduce. The migration
+//! is `crate::agent::adopt`'s (docs/adopting.md).
 //!
 //! [`inspect`] connects to the foreign QEMU's QMP socket (QEMU serves one
 //! client at a time: a busy socket is an error, not a wait), finds its pid

@@ -166,8 +166,20 @@ impl Agent {
                 plan.definition = Some(serde_json::to_value(def).map_err(AgentError::Encode)?);
                 plan.facts = Some(learned.facts.clone());
                 if !dry_run && plan.ok {
+                    if def.firmware == crate::domain::definition::Firmware::Uefi {
+                        plan.refused.push(
+                            Refusal {
+                                what: "firmware uefi".into(),
+                                why: "the guest's UEFI variables live in the foreign QEMU's \
+                                      VARS file, which adoption does not carry over yet"
+                                    .into(),
+                            }
+                            .to_string(),
+                        );
+                        return self.refused(plan, dry_run);
+                    }
                     let def = def.clone();
-                    let m = self.adopt_into(def, qmp, &learned.facts, &how).await?;
+                    let m = self.adopt_into(def, qmp, &learned, &how).await?;
                     return api::encode(&m).map_err(AgentError::Encode);
                 }
             }
@@ -206,9 +218,10 @@ impl Agent {
         self: &Arc<Self>,
         def: Definition,
         qmp: &Path,
-        facts: &adopt::AdoptFacts,
+        learned: &adopt::Learned,
         how: &How,
     ) -> Result<api::Migrated, AgentError> {
+        let facts = &learned.facts;
         let started = Instant::now();
         let name = def.name.clone();
         let process = ProcessIdentity::read(facts.pid).map_err(|e| AgentError::Io {
@@ -235,7 +248,7 @@ impl Agent {
                 return Err(e);
             }
         };
-        let prepared = self.foreign_source(&dom, process, qmp, facts).await;
+        let prepared = self.foreign_source(&dom, process, qmp, learned).await;
         let src = match prepared {
             Ok(s) => Arc::new(s),
             Err(e) => {
@@ -271,6 +284,26 @@ impl Agent {
         let mut st = dom.state.lock().await;
         st.job = None;
         let ours = matches!(&st.run, Run::Running(i) if i.record.foreign.is_none());
+        if let Err(e) = &res {
+            // The engine itself failed mid-way (a bug): which QEMU has the
+            // guest is not known. As for any migration (agent::migrate),
+            // recovery decides at the next agent start, from the kept job
+            // file; nothing is settled or forgotten now.
+            let job = crate::migration::phase::job_path(&domain_run_dir(&self.cfg.run_dir, &name));
+            if job.exists() {
+                self.table().take_remote(&name);
+                st.run = Run::Unreachable {
+                    record: Some(Box::new(src.record.clone())),
+                    reason: format!(
+                        "the adoption task failed ({e}); restart the agent to recover the migration"
+                    ),
+                };
+                return Err(AgentError::Io {
+                    what: "adoption task".into(),
+                    source: std::io::Error::other(e.to_string()),
+                });
+            }
+        }
         drop(st);
         match res {
             Ok(Ok(report)) if ours => {
@@ -303,20 +336,23 @@ impl Agent {
         dom: &Arc<Domain>,
         process: ProcessIdentity,
         qmp: &Path,
-        facts: &adopt::AdoptFacts,
+        learned: &adopt::Learned,
     ) -> Result<instance::Instance, AgentError> {
         let def = dom.state.lock().await.def.clone();
+        // What runs, as learned (a given definition may name another
+        // binary, or `auto`).
+        let running = &learned.definition;
         let taps = self.open_taps(&dom.name, &def).await?;
         let endpoints = self.bind_endpoints(&def)?;
         let domid = self.domids.allocate()?;
-        let accel = match def.accel {
+        let accel = match running.accel {
             Accel::Kvm => EffectiveAccel::Kvm,
             Accel::Tcg | Accel::Auto => EffectiveAccel::Tcg,
         };
         let record = InstanceRecord {
             domid,
             process,
-            emulator: def.emulator.clone(),
+            emulator: running.emulator.clone(),
             // Replaced by what its QMP greeting says.
             qemu_version: Default::default(),
             machine: def.machine.clone(),
@@ -339,7 +375,7 @@ impl Agent {
             user: None,
             tap_guard: false,
             tap_offloads: None,
-            ram_block: Some(facts.ram.block.clone()),
+            ram_block: Some(learned.facts.ram.block.clone()),
             foreign: Some(Foreign {
                 qmp: qmp.to_path_buf(),
             }),
@@ -386,6 +422,29 @@ impl Agent {
             }
         }
         let _ = crate::fsutil::remove_file_if_exists(&marker_file);
+    }
+
+    /// An adoption's marker goes with the adoption: `destroy` of an
+    /// unreachable or crashed adopted domain ends it.
+    pub(super) fn end_adoption(&self, name: &str) {
+        let _ = crate::fsutil::remove_file_if_exists(&marker_path(&self.cfg.run_dir, name));
+    }
+
+    /// At agent start: markers of adoptions whose definition was never
+    /// stored (the agent died between the two). Their foreign QEMU was
+    /// never touched; the marker only blocks the name.
+    pub(super) fn remove_orphan_adoptions(&self) {
+        let dir = self.cfg.run_dir.join("domains");
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if self.lookup(&name).is_err() && marker_path(&self.cfg.run_dir, &name).exists() {
+                tracing::info!(domain = %name, "an adoption that never stored its definition: its marker is removed");
+                let _ = crate::fsutil::remove_dir_all_if_exists(&domain_run_dir(
+                    &self.cfg.run_dir,
+                    &name,
+                ));
+            }
+        }
     }
 
     /// Undo an adoption that failed before its migration began.

@@ -90,9 +90,7 @@ impl Host for DomainHost {
         let ram = match (&src.ram, memory) {
             (Some(r), Memory::Shared) => r.clone(),
             (None, Memory::Shared) => {
-                return Err(MigrationError::SpawnDestination(
-                    crate::instance::InstanceError::NotForeign { domid: src.domid() },
-                ))
+                return Err(MigrationError::NoSharedRam { domid: src.domid() })
             }
             (_, Memory::Copy { .. }) => {
                 let spawn_err = |e: crate::instance::memory::MemoryError| {
@@ -165,7 +163,8 @@ impl Host for DomainHost {
             // connection closes with the instance); the adoption settles
             // the domain (agent::adopt).
             st.run = Run::ShutOff {
-                reason: "adoption failed: the guest runs on in the QEMU it was to be adopted from"
+                reason: "the adoption did not complete: the guest stayed with the QEMU it was to \
+                         be adopted from"
                     .into(),
             };
             return true;

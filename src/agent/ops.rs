@@ -773,6 +773,7 @@ impl Agent {
                     // The operator's acknowledgement: the kept job file (the
                     // record of the crash) goes, and start may boot it again.
                     self.end_unadopted(&dom.name, None).await?;
+                    self.end_adoption(&dom.name);
                     tracing::warn!(domain = %dom.name, "crash acknowledged by destroy");
                     st.run = Run::ShutOff {
                         reason: "destroyed after a crash during migration".into(),
@@ -784,6 +785,7 @@ impl Agent {
                 Run::Unreachable { record, .. } => {
                     let record = record.clone();
                     self.end_unadopted(&dom.name, record).await?;
+                    self.end_adoption(&dom.name);
                     st.run = Run::ShutOff {
                         reason: "destroyed".into(),
                     };

@@ -86,6 +86,7 @@ pub(super) async fn recover(agent: &Arc<Agent>) -> Result<(), AgentError> {
             agent.settle_adoption(&dom).await;
         }
     }
+    agent.remove_orphan_adoptions();
     Ok(())
 }
 

@@ -207,13 +207,15 @@ fn open_queue(name: &str, multi_queue: bool) -> Result<(OwnedFd, String), TapErr
 
 /// What the kernel says of an existing tun device (rtnetlink
 /// `RTM_GETLINK`, the `IFLA_TUN_*` attributes `ip -d link` shows).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct TunInfo {
     multi_queue: bool,
     /// Attached queues.
     queues: u32,
     /// The ifindex of the bridge (or other master) the device is a port of.
     master: Option<u32>,
+    /// The link kind (`IFLA_INFO_KIND`: `tun`, `bridge`, `bond`, ...).
+    kind: Option<String>,
 }
 
 const RTM_GETLINK: u16 = 18;
@@ -302,6 +304,7 @@ fn tun_info(name: &str) -> io::Result<Option<TunInfo>> {
         multi_queue: false,
         queues: 0,
         master: None,
+        kind: None,
     };
     for (t, v) in attrs(&b[32..len]) {
         if let (IFLA_MASTER, [a, b, c, d]) = (t, v) {
@@ -311,9 +314,11 @@ fn tun_info(name: &str) -> io::Result<Option<TunInfo>> {
             continue;
         }
         let li = attrs(v);
-        let is_tun = li
-            .iter()
-            .any(|(t, v)| *t == IFLA_INFO_KIND && v.starts_with(b"tun"));
+        if let Some((_, k)) = li.iter().find(|(t, _)| *t == IFLA_INFO_KIND) {
+            let k = k.split(|b| *b == 0).next().unwrap_or_default();
+            info.kind = Some(String::from_utf8_lossy(k).into_owned());
+        }
+        let is_tun = info.kind.as_deref() == Some("tun");
         for (t, d) in li {
             if t != IFLA_INFO_DATA || !is_tun {
                 continue;
@@ -353,8 +358,18 @@ pub fn bridge_of(name: &str) -> io::Result<Option<String>> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: on success buf holds a NUL-terminated name.
-    let n = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
-    Ok(Some(n.to_string_lossy().into_owned()))
+    let master = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    // A bond, a VRF or Open vSwitch's datapath is a master too.
+    let kind = tun_info(&master)?.and_then(|m| m.kind);
+    if kind.as_deref() != Some("bridge") {
+        return Err(io::Error::other(format!(
+            "its master {master} is a {}, not a Linux bridge",
+            kind.as_deref().unwrap_or("device of unknown kind")
+        )));
+    }
+    Ok(Some(master))
 }
 
 /// Does tap `name` exist with queues attached (by this agent's previous

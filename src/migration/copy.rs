@@ -37,7 +37,7 @@ pub const NOT_CONVERGING: f64 = 0.5;
 /// included).
 pub const AUTO_MAX_PASSES: u64 = 5;
 /// Test only: start post-copy at once, before the first pass is done
-/// (what the benchmark compares against; never a policy).
+/// (the baseline `make bench-adopt` compares against; never a policy).
 pub const TEST_AT_START_ENV: &str = "QLIVE_TEST_POSTCOPY_AT_START";
 
 /// The source's progress, from one `query-migrate`.

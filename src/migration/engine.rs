@@ -62,9 +62,11 @@ const INCOMING_WAIT: Duration = Duration::from_secs(30);
 /// How long recovery waits for an instance to be adopted (its QMP
 /// greeting).
 const ADOPT_WAIT: Duration = Duration::from_secs(10);
-/// How long recovery waits for a post-copy it found under way to send its
-/// last pages (it sends at full speed: seconds per GiB here).
-const POSTCOPY_RECOVERY_WAIT: Duration = Duration::from_secs(600);
+/// How long a post-copy under way (live, or found by recovery) may take to
+/// send its last pages: it sends at full speed, seconds per GiB here. Not
+/// the migration's `timeout_s`, which bounds pre-copy: a post-copy cut
+/// short is a crash.
+const POSTCOPY_WAIT: Duration = Duration::from_secs(600);
 
 /// What the engine needs from the agent, for one domain.
 pub trait Host: Send + Sync {
@@ -223,7 +225,7 @@ pub async fn migrate<H: Host>(host: &H, req: Request) -> Result<Report, Migratio
         host,
         file: JobFile {
             format: super::phase::FORMAT.into(),
-            version: super::phase::VERSION,
+            version: super::phase::version_for(req.memory),
             domain: host.name().to_string(),
             target_emulator: req.target.clone(),
             src_was_running,
@@ -631,7 +633,7 @@ impl<H: Host> Migration<'_, H> {
         // the pages it lacks from the source until the source is done.
         if postcopy {
             self.test_pause("postcopy").await;
-            let done = wait_postcopy_done(&src.qmp, self.req.timeout).await;
+            let done = wait_postcopy_done(&src.qmp, POSTCOPY_WAIT).await;
             attempt!(st, done);
         }
         self.times.record(PhaseName::Finish, t);
@@ -763,8 +765,9 @@ impl<H: Host> Migration<'_, H> {
         if let Err(e) = self.write(next) {
             tracing::error!("persisting Confirm(failure): {}", crate::error::chain(&e));
         }
-        // Abort and timeout cancelled already.
-        let cancel = matches!(state, State::Performing { .. })
+        // Abort and timeout cancelled already. A post-copy that began
+        // (and whose destination never ran) is still in flight too.
+        let cancel = (matches!(state, State::Performing { .. }) || self.postcopy)
             && !matches!(
                 error,
                 MigrationError::Aborted | MigrationError::Timeout { .. }
@@ -1030,6 +1033,14 @@ where
     match src_status {
         Ok((true, status)) => {
             return Err(Resume::NotResumed(MigrationError::SourceRunning { status }))
+        }
+        // A post-copy source that died took the pages the destination
+        // lacks with it: the destination must not run.
+        _ if postcopy && src_exited() => {
+            return Err(Resume::NotResumed(MigrationError::Failed {
+                status: "failed".into(),
+                detail: "the source QEMU died during post-copy, before the destination ran".into(),
+            }))
         }
         Ok((false, _)) => {}
         // A source that died after completing holds no vCPUs any more.
@@ -1342,7 +1353,7 @@ pub async fn recover<H: Host>(host: &H, job: JobFile) -> Recovered {
                         tracing::error!(domain = %host.name(), "resuming the destination in post-copy: {}", crate::error::chain(&e));
                     }
                 }
-                if let Err(e) = wait_postcopy_done(&s.qmp, POSTCOPY_RECOVERY_WAIT).await {
+                if let Err(e) = wait_postcopy_done(&s.qmp, POSTCOPY_WAIT).await {
                     let reason = crate::error::chain(&e);
                     save_crash(&job, &path, reason.clone());
                     let paths = [Some(&parts.src.paths), parts.dst_paths]
@@ -1422,7 +1433,7 @@ pub async fn recover<H: Host>(host: &H, job: JobFile) -> Recovered {
 /// record that keeps the domain crashed until `qlive destroy`.
 fn save_crash(job: &JobFile, path: &Path, reason: String) {
     let file = JobFile {
-        version: super::phase::VERSION,
+        version: super::phase::version_for(job.memory),
         phase: job.phase.confirm(Outcome::Crashed, Some(reason)),
         ..job.clone()
     };

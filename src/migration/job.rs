@@ -115,7 +115,8 @@ impl Job {
     /// The error text other mutating calls get while this job runs.
     pub fn busy_message(&self, domain: &str) -> String {
         format!(
-            "domain {domain} has a {} job in phase {} (running for {} ms); wait for it or `qlive abort {domain}`",
+            "domain {domain} has {} {} job in phase {} (running for {} ms); wait for it or `qlive abort {domain}`",
+            if self.kind.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" },
             self.kind,
             self.phase(),
             self.started.elapsed().as_millis()

@@ -86,6 +86,8 @@ pub enum MigrationError {
         #[source]
         source: NotRegularError,
     },
+    #[error("the source (domid {domid}) has no RAM of qlive's to share: a foreign QEMU's guest can only be copied")]
+    NoSharedRam { domid: u64 },
     #[error("starting the destination QEMU")]
     SpawnDestination(#[source] InstanceError),
     #[error("steering the taps' frames to the destination")]

@@ -15,7 +15,20 @@ pub const FORMAT: &str = "qlive-migration-job";
 /// 2: `Finish` records whether `cont` may have been sent to the
 /// destination, and `Confirm` can record a crash. A version-1 `Finish` is
 /// read as "may have been sent" (the safe reading).
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
+/// 3: a copy migration (`memory`, `postcopy`), which an agent that only
+/// knows shared memory must not recover. Shared-memory jobs are still
+/// written as 2, so an older agent can finish them.
+pub const VERSION_SHARED: u32 = 2;
+
+/// The version a job of `memory` is written as.
+pub fn version_for(memory: Memory) -> u32 {
+    if memory.is_shared() {
+        VERSION_SHARED
+    } else {
+        VERSION
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -181,8 +181,31 @@ pub fn decide(phase: PhaseName, outcome: Option<Outcome>, o: &Observed) -> Decis
 pub fn decide_postcopy(o: &Observed) -> Decision {
     let src_done = o.src_migration.as_deref() == Some("completed");
     let dst_done = o.dst_migration.as_deref() == Some("completed");
+    let dst_may_have_run = o.resume_sent || o.dst_running;
     if o.src_alive && o.src_running {
-        return both_running();
+        // The source runs: post-copy never began (its vCPUs stop before
+        // it does), or someone resumed it.
+        return if dst_may_have_run {
+            both_running()
+        } else {
+            Decision::KeepSource {
+                cancel_migration: migrating(o.src_migration.as_deref())
+                    || in_postcopy(o.src_migration.as_deref()),
+            }
+        };
+    }
+    // A broken stream between two live QEMUs before the destination ran:
+    // the source is whole, the destination may never get its pages.
+    if o.src_alive
+        && !dst_may_have_run
+        && matches!(
+            o.src_migration.as_deref(),
+            Some("postcopy-paused" | "postcopy-recover")
+        )
+    {
+        return Decision::KeepSource {
+            cancel_migration: true,
+        };
     }
     if o.dst_alive && (src_done || (!o.src_alive && dst_done)) {
         return Decision::SwitchToDestination {
@@ -333,6 +356,39 @@ mod tests {
         let o = postcopy(Some("active"), Some("active"));
         assert_eq!(
             decide(PhaseName::Perform, None, &o),
+            Decision::KeepSource {
+                cancel_migration: true
+            }
+        );
+        // Killed between the intent and migrate-start-postcopy: the
+        // source still runs its guest in pre-copy.
+        let o = Observed {
+            src_running: true,
+            ..postcopy(Some("active"), Some("active"))
+        };
+        assert_eq!(
+            decide(PhaseName::Perform, None, &o),
+            Decision::KeepSource {
+                cancel_migration: true
+            }
+        );
+        // Running after the destination may have run: nobody is touched.
+        let o = Observed {
+            src_running: true,
+            resume_sent: true,
+            ..postcopy(Some("postcopy-active"), Some("postcopy-active"))
+        };
+        assert!(matches!(
+            decide(PhaseName::Finish, None, &o),
+            Decision::LeaveAlone(_)
+        ));
+    }
+
+    #[test]
+    fn a_broken_post_copy_stream_before_the_destination_ran_keeps_the_source() {
+        let o = postcopy(Some("postcopy-paused"), Some("postcopy-paused"));
+        assert_eq!(
+            decide(PhaseName::Finish, None, &o),
             Decision::KeepSource {
                 cancel_migration: true
             }
