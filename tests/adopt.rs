@@ -871,6 +871,7 @@ fn a_source_lost_during_post_copy_makes_the_domain_crashed() {
 
     rig.start_agent();
     let decision = recovery_decision(&rig);
+    eprintln!("RECOVERED with the source gone: {decision}");
     assert!(decision.contains("Crashed"), "{decision}");
     let info = rig.info("vm");
     assert_eq!(info["state"], "crashed", "{info}");
@@ -880,4 +881,40 @@ fn a_source_lost_during_post_copy_makes_the_domain_crashed() {
     assert!(err.contains("crashed during a migration"), "{err}");
     rig.ok(&["destroy", "vm"]);
     assert_eq!(rig.info("vm")["state"], "shut-off");
+}
+
+/// A QEMU 7.2 destination cannot do post-copy under qlive (userfaultfd
+/// needs CAP_SYS_PTRACE there): `always` fails before the switchover,
+/// naming why, and leaves the foreign QEMU running and nothing defined;
+/// `auto` falls back to pre-copy and adopts.
+#[test]
+fn a_destination_without_post_copy_refuses_always_and_auto_falls_back() {
+    let rig = Rig::new_netns();
+    let (mut f, _log) = boot_foreign(&rig, Path::new(SYSTEM_QEMU), 0);
+    let out = adopt(&rig, "vm", &f.qmp, &["--postcopy", "always"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("the destination QEMU cannot do post-copy")
+            && err.contains("use --postcopy auto or never"),
+        "{err}"
+    );
+    assert_eq!(rig.ok(&["list", "--json"]).trim(), "[]");
+    assert!(rig.qemu_pids().is_empty());
+    f.assert_untouched();
+
+    let out = adopt(&rig, "vm", &f.qmp, &["--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(r["postcopy"], false, "{r}");
+    assert!(
+        rig.agent_log_text()
+            .contains("the destination cannot do post-copy"),
+        "no fallback logged"
+    );
+    assert_eq!(rig.info("vm")["state"], "running");
 }
