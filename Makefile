@@ -127,7 +127,7 @@ bench-network: build guest qemu-new
 # one), a copy migration into qlive's memfd: pre-copy only, post-copy after
 # one pass, post-copy immediately, auto; total time, pause, bytes, passes
 # (QLIVE_BENCH_ADOPT_*: docs/benchmarks.md).
-bench-adopt: build guest
+bench-adopt: build guest qemu-new
 	$(CARGO) bench --locked --bench adopt
 
 clean:
