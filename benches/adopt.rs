@@ -1147,7 +1147,8 @@ fn one_run(rig: &Rig, guest: Guest, mode: Mode, i: usize, cfg: &Config) -> Run {
             .map(|l| format!("new console: {l}")),
     );
     errors.extend(restarted(&qtext));
-    if !matches!(outcome, Outcome::Adopted(_)) && mode != Mode::Floor {
+    // A failure's context (a timeout is an expected outcome).
+    if matches!(outcome, Outcome::Failed(_)) && mode != Mode::Floor {
         let text = rig.agent_log_text();
         let new = strip_ansi(text.get(agent_log_at..).unwrap_or(""));
         if !new.trim().is_empty() {
@@ -1480,12 +1481,13 @@ fn main() {
                 let r = one_run(&rig, guest, mode, i, &cfg);
                 let summary = match &r.outcome {
                     Outcome::Adopted(v) => format!(
-                        "adopted in {:.0} ms, pause {}, postcopy {}, passes {}",
+                        "adopted in {:.0} ms, pause {}, postcopy {}, passes {}, downtime {}, phases_ms {}",
                         r.wall_ms,
                         r.pause_ms.map_or("-".into(), |p| format!("{p:.1} ms")),
                         v.get("postcopy").map_or("-".into(), |p| p.to_string()),
-                        v.get("precopy_passes")
-                            .map_or("-".into(), |p| p.to_string()),
+                        v.get("precopy_passes").map_or("-".into(), |p| p.to_string()),
+                        v.get("qemu_downtime_ms").map_or("-".into(), |p| p.to_string()),
+                        v.get("phases_ms").map_or("-".into(), |p| p.to_string()),
                     ),
                     Outcome::TimedOut { msg, .. } => {
                         format!("timed out after {:.0} ms: {msg}", r.wall_ms)
