@@ -1082,12 +1082,13 @@ fn one_run(rig: &Rig, guest: Guest, mode: Mode, i: usize, cfg: &Config) -> Run {
         Mode::Floor => floor(&mut f, &sock, &watch, cfg),
         _ => adopt(rig, &name, &mut f, &watch, mode, cfg),
     };
+    let mut dead = None;
     if let Outcome::Adopted(_) = &outcome {
         // The guest runs on the new QEMU: heartbeats in its log.
         let seq = watch.last(Src::Qlive).map_or(0, |a| a.seq);
         if !watch.wait_past(Src::Qlive, seq, Duration::from_secs(10)) {
-            notes.push(format!(
-                "NO HEARTBEAT in the new console log {} within 10 s of the adoption",
+            dead = Some(format!(
+                "NO HEARTBEAT in the new console log {} within 10 s of the adoption: the guest does not run",
                 log.display()
             ));
         }
@@ -1147,6 +1148,7 @@ fn one_run(rig: &Rig, guest: Guest, mode: Mode, i: usize, cfg: &Config) -> Run {
             .map(|l| format!("new console: {l}")),
     );
     errors.extend(restarted(&qtext));
+    errors.extend(dead);
     // A failure's context (a timeout is an expected outcome).
     if matches!(outcome, Outcome::Failed(_)) && mode != Mode::Floor {
         let text = rig.agent_log_text();
