@@ -1401,7 +1401,7 @@ fn print_table(cells: &[Cell], cfg: &Config, dry: &[(Guest, String)]) {
             for e in &r.errors {
                 if !loud {
                     println!();
-                    println!("  !!! THE GUEST REPORTED ERRORS (a pattern error after a copy migration is a bug) !!!");
+                    println!("  !!! THE GUEST REPORTED ERRORS: a guest damaged by a copy migration is a bug (qlive's, or QEMU's: compare mode floor) !!!");
                     loud = true;
                 }
                 println!("  !!! {what}: {e}");
