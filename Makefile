@@ -4,7 +4,7 @@
 CARGO ?= cargo
 GUEST_DIR := target/guest
 
-.PHONY: all build deps guest qemu-new assets deb rpm selinux selinux-check demo test lint fuzz ansible-venv ansible-sanity bench bench-core bench-migration bench-upgrade bench-chaos bench-network clean
+.PHONY: all build deps guest qemu-new assets deb rpm selinux selinux-check demo test lint fuzz ansible-venv ansible-sanity bench bench-core bench-migration bench-upgrade bench-chaos bench-network bench-adopt clean
 
 all: build
 
@@ -99,7 +99,7 @@ test: deps guest debian-guest qemu-new deb rpm selinux-check lint fuzz ansible-s
 	$(CARGO) nextest run --locked --profile ci
 
 # Benchmarks print their figures (docs/benchmarks.md); not part of `make test`.
-bench: bench-core bench-migration bench-upgrade bench-chaos bench-network
+bench: bench-core bench-migration bench-upgrade bench-chaos bench-network bench-adopt
 
 bench-core: build guest
 	$(CARGO) bench --locked --bench core
@@ -122,6 +122,13 @@ bench-chaos: build guest qemu-new
 # (QLIVE_BENCH_*: docs/benchmarks.md).
 bench-network: build guest qemu-new
 	$(CARGO) bench --locked --bench network
+
+# qlive adopt of QEMUs started by hand (an idle 512 MiB guest, a busy 2 GiB
+# one), a copy migration into qlive's memfd: pre-copy only, post-copy after
+# one pass, post-copy immediately, auto; total time, pause, bytes, passes
+# (QLIVE_BENCH_ADOPT_*: docs/benchmarks.md).
+bench-adopt: build guest qemu-new
+	$(CARGO) bench --locked --bench adopt
 
 clean:
 	$(CARGO) clean
