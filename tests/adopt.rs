@@ -464,6 +464,7 @@ fn wait_line(path: &Path, prefix: &str, timeout: Duration) -> String {
 /// `onto`: adopt onto this binary (a definition naming it is given), not
 /// the one that runs. `bandwidth`: the test-only cap on the copy (bytes/s),
 /// so that a dirtying guest cannot converge and post-copy must start.
+#[allow(clippy::too_many_arguments)]
 fn adopt_and_upgrade(
     bandwidth: Option<u64>,
     emulator: &Path,
@@ -471,6 +472,7 @@ fn adopt_and_upgrade(
     then: &Path,
     postcopy: &str,
     dirty: u64,
+    expect_postcopy: bool,
 ) {
     let mut rig = Rig::new_netns();
     if let Some(bw) = bandwidth {
@@ -528,10 +530,12 @@ fn adopt_and_upgrade(
     }
     assert_eq!(r["result"], "success", "{r}");
     assert_eq!(r["from"]["pid"], foreign_pid, "{r}");
-    assert_eq!(r["postcopy"], postcopy == "always", "{r}");
-    if postcopy == "always" {
-        // Never before the first full pre-copy pass.
-        assert!(r["precopy_passes"].as_u64().unwrap_or(0) >= 2, "{r}");
+    assert_eq!(r["postcopy"], expect_postcopy, "{r}");
+    if expect_postcopy {
+        // Never before the first full pre-copy pass; auto only once a
+        // pass after it did not halve the dirty memory.
+        let first = if postcopy == "auto" { 3 } else { 2 };
+        assert!(r["precopy_passes"].as_u64().unwrap_or(0) >= first, "{r}");
     }
     if let Some(onto) = onto {
         assert_eq!(r["to"]["emulator"], json!(onto), "{r}");
@@ -635,28 +639,48 @@ fn adopt_and_upgrade(
     );
 }
 
-/// QEMU 7.2 cannot be a post-copy destination under qlive (it needs the
-/// userfaultfd syscall with CAP_SYS_PTRACE); 10.0 opens /dev/userfaultfd.
-/// So the 7.2 guest is adopted straight onto 10.0 by post-copy, while it
-/// dirties memory, and upgraded back to 7.2.
+/// QEMU 7.2 adopted straight onto 10.0 (a definition naming it is given;
+/// the emulator is not compared), by the default policy: its idle guest's
+/// pre-copy converges. Then upgraded back to 7.2. The guests that dirty
+/// memory are 10.0's: under TCG, QEMU before 9.0 loses dirty bits of pages
+/// the vCPU writes while pre-copy syncs the bitmap (plain QEMU alike,
+/// docs/benchmarks.md), so a busy 7.2 guest may arrive damaged.
 #[test]
-fn a_hand_started_qemu_7_2_is_adopted_onto_10_0_by_post_copy_and_upgraded_back() {
+fn a_hand_started_qemu_7_2_is_adopted_onto_10_0_and_upgraded_back() {
     let new = new_qemu();
     adopt_and_upgrade(
-        Some(32 << 20),
+        None,
         Path::new(SYSTEM_QEMU),
         Some(&new),
         Path::new(SYSTEM_QEMU),
-        "always",
-        256,
+        "auto",
+        0,
+        false,
     );
 }
 
-/// The default policy on an idle guest: pre-copy converges, no post-copy.
+/// QEMU 10.0 whose guest dirties 256 MiB/s with the copy capped at 32
+/// MiB/s: pre-copy cannot converge, and `always` post-copies after the
+/// first full pass.
+#[test]
+fn a_hand_started_qemu_10_0_is_adopted_by_post_copy_after_one_pass() {
+    let new = new_qemu();
+    adopt_and_upgrade(Some(32 << 20), &new, None, &new, "always", 256, true);
+}
+
+/// The same guest with the default `auto`: post-copy once a pass after
+/// the first did not halve the dirty memory.
+#[test]
+fn a_non_converging_guest_is_adopted_by_post_copy_under_auto() {
+    let new = new_qemu();
+    adopt_and_upgrade(Some(32 << 20), &new, None, &new, "auto", 256, true);
+}
+
+/// An idle 10.0 guest under the default `auto`: pre-copy converges.
 #[test]
 fn a_hand_started_qemu_10_0_is_adopted_by_pre_copy_and_upgraded() {
     let new = new_qemu();
-    adopt_and_upgrade(None, &new, None, &new, "auto", 0);
+    adopt_and_upgrade(None, &new, None, &new, "auto", 0, false);
 }
 
 /// A foreign QEMU with a disk, a NIC on br0 and a console file, its guest
@@ -750,7 +774,8 @@ fn an_agent_killed_during_an_adoptions_pre_copy_leaves_the_foreign_qemu_running(
     assert_eq!(rig.info("vm")["state"], "running");
 }
 
-/// The agent SIGKILLed once post-copy has started (`point`: before the
+/// The agent SIGKILLed once post-copy has started (QEMU 10.0, which can
+/// be a post-copy destination; `point`: before the
 /// destination got `cont`, or after, while pages still flow): the
 /// restarted agent resumes the destination if it is paused, waits until
 /// the source sent every page, and switches. The guest's heartbeat and
@@ -762,18 +787,8 @@ fn agent_killed_in_post_copy(point: &str) {
         ("QLIVE_TEST_MAX_BANDWIDTH", &(32u64 << 20).to_string()),
         ("QLIVE_TEST_PAUSE_AT", point),
     ]);
-    let (mut f, log) = boot_foreign(&rig, Path::new(SYSTEM_QEMU), 256);
-    let given = onto_new_qemu(&rig, &f);
-    let bg = adopt_bg(
-        &rig,
-        &f.qmp,
-        &[
-            "--postcopy",
-            "always",
-            "--definition",
-            given.to_str().expect("utf8"),
-        ],
-    );
+    let (mut f, log) = boot_foreign(&rig, &new_qemu(), 256);
+    let bg = adopt_bg(&rig, &f.qmp, &["--postcopy", "always"]);
     rig.wait_test_paused("vm", Duration::from_secs(120));
     rig.kill_agent();
     assert!(!bg.join().expect("adopt thread").status.success());
@@ -812,23 +827,6 @@ fn agent_killed_in_post_copy(point: &str) {
     assert!(errors.is_empty(), "{errors:?}");
 }
 
-/// The adoption's definition, naming the 10.0 binary: a 7.2 destination
-/// cannot do post-copy under qlive (docs/adopting.md).
-fn onto_new_qemu(rig: &Rig, f: &Foreign) -> PathBuf {
-    let out = adopt(rig, "vm", &f.qmp, &["--dry-run", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let plan: Value = serde_json::from_slice(&out.stdout).expect("plan");
-    let mut def = plan["definition"].clone();
-    def["emulator"] = json!(new_qemu());
-    let file = rig.dir.path().join("given.json");
-    std::fs::write(&file, def.to_string()).expect("write");
-    file
-}
-
 #[test]
 fn an_agent_killed_before_the_post_copy_destination_runs_is_recovered_onto_it() {
     agent_killed_in_post_copy("perform:after");
@@ -851,18 +849,8 @@ fn a_source_lost_during_post_copy_makes_the_domain_crashed() {
         ("QLIVE_TEST_MAX_BANDWIDTH", &(16u64 << 20).to_string()),
         ("QLIVE_TEST_PAUSE_AT", "finish:postcopy"),
     ]);
-    let (mut f, _log) = boot_foreign(&rig, Path::new(SYSTEM_QEMU), 256);
-    let given = onto_new_qemu(&rig, &f);
-    let bg = adopt_bg(
-        &rig,
-        &f.qmp,
-        &[
-            "--postcopy",
-            "always",
-            "--definition",
-            given.to_str().expect("utf8"),
-        ],
-    );
+    let (mut f, _log) = boot_foreign(&rig, &new_qemu(), 256);
+    let bg = adopt_bg(&rig, &f.qmp, &["--postcopy", "always"]);
     rig.wait_test_paused("vm", Duration::from_secs(120));
     rig.kill_agent();
     assert!(!bg.join().expect("adopt thread").status.success());
