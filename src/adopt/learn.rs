@@ -961,7 +961,25 @@ fn assemble(l: &mut Learner<'_>, c: &Cmdline, q: &QmpView, name: &str) -> Option
     }
     let q35 = machine.starts_with("pc-q35-");
     // Accelerator: what QEMU runs, checked against what was asked.
+    // QEMU before 9.0 (upstream 03bfc2188f, "physmem: Fix migration dirty
+    // bitmap coherency with TCG memory access") could lose a TCG guest's
+    // writes to the dirty bitmap: plain QEMU 7.2 -> 7.2 damages busy
+    // guests as well (make bench-adopt's floor).
+    let tcg_loses_dirty_bits = |v: &str| {
+        v.split('.')
+            .next()
+            .and_then(|m| m.parse::<u32>().ok())
+            .is_some_and(|major| major < 9)
+    };
     let accel = if q.kvm_enabled { "kvm" } else { "tcg" };
+    if accel == "tcg" && tcg_loses_dirty_bits(&q.version) {
+        l.notes.push(format!(
+            "QEMU {} under TCG loses dirty bits of pages the guest writes while pre-copy syncs \
+             the bitmap (a QEMU bug, fixed in 9.0): a guest that writes much memory during the \
+             adoption may arrive damaged; under KVM the kernel tracks dirty pages",
+            q.version
+        ));
+    }
     let asked = c.accel.map(str::to_string).or(accel_prop);
     if let Some(a) = &asked {
         if a != accel {
@@ -1709,6 +1727,17 @@ mod tests {
         assert!(!l.facts.ram.shared);
         assert_eq!(l.facts.nics[0].source, TapSource::Ifname { fd: 8 });
         assert!(d.uuid.is_none() && l.facts.notes.iter().any(|n| n.contains("-uuid")));
+        // 7.2 under TCG: the dirty-bitmap bug is named.
+        assert!(
+            l.facts.notes.iter().any(|n| n.contains("QEMU 7.2.22 under TCG loses dirty bits")),
+            "{:?}",
+            l.facts.notes
+        );
+        let mut v = view();
+        v.version = "10.0.2".into();
+        v.machine_type = "pc-q35-7.2-machine".into();
+        let l = learn("vm1", &proc_(&plain()), &v, Path::new(SOCK)).unwrap();
+        assert!(!l.facts.notes.iter().any(|n| n.contains("dirty bits")));
     }
 
     #[test]

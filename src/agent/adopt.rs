@@ -280,6 +280,9 @@ impl Agent {
             },
         };
         tracing::info!(domain = %name, pid = src.pid(), postcopy = how.postcopy.as_str(), "adopting");
+        for n in &facts.notes {
+            tracing::warn!(domain = %name, "adoption note: {n}");
+        }
         let res = tokio::spawn(async move { engine::migrate(&host, req).await }).await;
         let mut st = dom.state.lock().await;
         st.job = None;
