@@ -235,12 +235,32 @@ impl Agent {
         };
         let marker_file = marker_path(&self.cfg.run_dir, &name);
         let bytes = serde_json::to_vec_pretty(&marker).map_err(AgentError::Encode)?;
-        crate::fsutil::write_atomic(&marker_file, &bytes, 0o600).map_err(|source| {
-            AgentError::Io {
-                what: format!("writing {}", marker_file.display()),
-                source,
+        // Created exclusively: a concurrent adoption under the same name
+        // owns the one that exists (and only its owner removes it).
+        let created = {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&marker_file)
+                .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
+        };
+        match created {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(TableError::NameTaken(name).into())
             }
-        })?;
+            Err(source) => {
+                let _ = crate::fsutil::remove_file_if_exists(&marker_file);
+                return Err(AgentError::Io {
+                    what: format!("writing {}", marker_file.display()),
+                    source,
+                });
+            }
+        }
         let dom = match self.define_definition(def) {
             Ok(d) => d,
             Err(e) => {
