@@ -1729,7 +1729,10 @@ mod tests {
         assert!(d.uuid.is_none() && l.facts.notes.iter().any(|n| n.contains("-uuid")));
         // 7.2 under TCG: the dirty-bitmap bug is named.
         assert!(
-            l.facts.notes.iter().any(|n| n.contains("QEMU 7.2.22 under TCG loses dirty bits")),
+            l.facts
+                .notes
+                .iter()
+                .any(|n| n.contains("QEMU 7.2.22 under TCG loses dirty bits")),
             "{:?}",
             l.facts.notes
         );
