@@ -16,7 +16,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use qlive::domain::definition::{valid_name, Definition, RESERVED_QEMU_OPTIONS};
-use qlive::instance::cmdline::{build, EffectiveAccel, StartMode};
+use qlive::instance::cmdline::{build, EffectiveAccel, StartMode, RAM_ID};
 use qlive::instance::paths::InstancePaths;
 use std::cell::Cell;
 use std::path::Path;
@@ -70,7 +70,7 @@ fuzz_target!(|data: &[u8]| {
 
     let paths = InstancePaths::new(Path::new("/run/qlive"), &def.name, 1);
     for mode in [StartMode::Boot, StartMode::Incoming] {
-        let argv = build(&def, "pc-q35-7.2", EffectiveAccel::Tcg, &paths, mode);
+        let argv = build(&def, "pc-q35-7.2", EffectiveAccel::Tcg, &paths, mode, RAM_ID);
         let args: Vec<&str> = argv
             .iter()
             .map(|a| a.to_str().expect("argv is UTF-8"))

@@ -166,6 +166,25 @@ impl Agent {
                 plan.definition = Some(serde_json::to_value(def).map_err(AgentError::Encode)?);
                 plan.facts = Some(learned.facts.clone());
                 if !dry_run && plan.ok {
+                    // The block name goes on every later QEMU command line
+                    // (`-object memory-backend-file,id=…`): QEMU's own id
+                    // syntax only, so it cannot carry options.
+                    let block = &learned.facts.ram.block;
+                    let well_formed = block.len() <= 128
+                        && block.starts_with(|c: char| c.is_ascii_alphabetic())
+                        && block
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+                    if !well_formed {
+                        plan.refused.push(
+                            Refusal {
+                                what: format!("RAM block {block:?}"),
+                                why: "not an id QEMU's option syntax can carry".into(),
+                            }
+                            .to_string(),
+                        );
+                        return self.refused(plan, dry_run);
+                    }
                     if def.firmware == crate::domain::definition::Firmware::Uefi {
                         plan.refused.push(
                             Refusal {
